@@ -1,0 +1,46 @@
+// The qimg command line: dispatch to one command module, map errors to one stderr line and an exit code.
+
+import { QimgError } from '../qcow2/errors.js';
+
+type CommandModule = { run(argv: string[]): Promise<number> };
+
+/** Loaded on demand so a command pays only for what it uses. */
+const COMMANDS: Record<string, () => Promise<CommandModule>> = {
+  info: () => import('./commands/info.js'),
+  snapshot: () => import('./commands/snapshot.js'),
+  convert: () => import('./commands/convert.js'),
+};
+
+export async function main(argv: string[]): Promise<void> {
+  process.exitCode = await dispatch(argv);
+}
+
+async function dispatch(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    if (cmd === undefined || cmd === '--help' || cmd === '-h' || cmd === 'help' || cmd === '--version' || cmd === '-V') {
+      return (await import('./help.js')).showGlobal(argv);
+    }
+    const load = COMMANDS[cmd];
+    if (!load) {
+      process.stderr.write(`qimg: Command not found: ${cmd}\nTry 'qimg --help' for more information\n`);
+      return 1;
+    }
+    if (rest.includes('--help') || rest.includes('-h')) return (await import('./help.js')).showCommand(cmd);
+    return await (await load()).run(rest);
+  } catch (err) {
+    return reportError(err);
+  }
+}
+
+/** One clear line (qemu-img's two for lock conflicts), never a stack trace unless QIMG_DEBUG is set. */
+export function reportError(err: unknown): number {
+  if (process.env.QIMG_DEBUG) console.error(err);
+  if (err instanceof QimgError) {
+    process.stderr.write(`qimg: ${err.message}\n`);
+    return 1;
+  }
+  const msg = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`qimg: internal error: ${msg.split('\n')[0]}\n`);
+  return 1;
+}

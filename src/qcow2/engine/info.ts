@@ -1,0 +1,70 @@
+// The read-only queries: describe an image (or its chain) and list its snapshots.
+
+import { QimgError } from '../errors.js';
+import * as L from '../format/layout.js';
+import { describeLayer, loadLuksDecoder, snapshotInfo } from './describe.js';
+import type { Layer } from './layer.js';
+import { openImage, type BackingPolicy, type ImageFormat } from './open.js';
+import { Qcow2Image } from './qcow2-image.js';
+import type { ImageInfo, SnapshotInfo } from './types.js';
+
+export interface ReadOptions {
+  format?: ImageFormat;
+  /** -U / --force-share: no locks. */
+  forceShare?: boolean;
+  backing?: BackingPolicy;
+}
+
+export interface InfoOptions extends ReadOptions {
+  /** Describe every layer of the backing chain (opens backing files). */
+  backingChain?: boolean;
+}
+
+/** `qemu-img info`: one ImageInfo, or one per layer with backingChain. */
+export async function info(path: string, opts: InfoOptions = {}): Promise<ImageInfo[]> {
+  const top = await openImage(path, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing, openBacking: !!opts.backingChain });
+  try {
+    const out: ImageInfo[] = [];
+    for (let layer: Layer | null = top; layer; layer = layer instanceof Qcow2Image ? layer.backing : null) {
+      if (layer instanceof Qcow2Image && layer.header.cryptMethod === L.CRYPT_LUKS) await loadLuksDecoder();
+      out.push(describeLayer(layer));
+      if (!opts.backingChain) break;
+    }
+    return out;
+  } finally {
+    await top.close();
+  }
+}
+
+/** `qemu-img snapshot -l`: the internal snapshots of a qcow2 image (none for raw). */
+export async function listSnapshots(path: string, opts: ReadOptions = {}): Promise<SnapshotInfo[]> {
+  const img = await openImage(path, { format: opts.format, forceShare: opts.forceShare, openBacking: false });
+  try {
+    return img instanceof Qcow2Image ? img.snapshots.map(snapshotInfo) : [];
+  } finally {
+    await img.close();
+  }
+}
+
+/** How a snapshot is named: qemu-img's `-l` forms. */
+export type SnapshotSelector = { id?: string; name?: string } | { idOrName: string };
+
+/** Parses `snapshot.name=N`, `snapshot.id=I` (comma-joined) or a bare ID-or-name. */
+export function parseSnapshotSelector(s: string): SnapshotSelector {
+  if (!/^snapshot\.(id|name)=/.test(s)) return { idOrName: s };
+  const sel: { id?: string; name?: string } = {};
+  for (const part of s.split(',')) {
+    const m = /^snapshot\.(id|name)=(.*)$/.exec(part);
+    if (!m) throw new QimgError('USAGE', `Invalid snapshot option '${part}'`);
+    sel[m[1] as 'id' | 'name'] = m[2];
+  }
+  return sel;
+}
+
+/** Finds a snapshot: ID first then name for a bare selector; both must match when both are given. */
+export function findSnapshot(img: Qcow2Image, sel: SnapshotSelector) {
+  if ('idOrName' in sel) {
+    return img.snapshots.find((s) => s.id === sel.idOrName) ?? img.snapshots.find((s) => s.name === sel.idOrName) ?? null;
+  }
+  return img.snapshots.find((s) => (sel.id === undefined || s.id === sel.id) && (sel.name === undefined || s.name === sel.name)) ?? null;
+}

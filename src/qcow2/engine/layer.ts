@@ -1,0 +1,18 @@
+// What every readable image (qcow2, raw, a snapshot view) offers to the layers above it.
+
+/** One run of guest bytes with the same provenance. */
+export type Extent =
+  | { kind: 'zero'; length: number }
+  /** Guest data that must be read (from this layer's host file, decompressed, or its backing). */
+  | { kind: 'data'; length: number };
+
+export interface Layer {
+  readonly format: 'qcow2' | 'raw';
+  readonly filename: string;
+  readonly virtualSize: number;
+  /** Fills `buf` with guest bytes at `offset`; bytes past the virtual size read as zeros. */
+  read(buf: Uint8Array, offset: number): void;
+  /** The extent starting at `offset`, at most `maxLength` long (maxLength > 0, offset < virtualSize). */
+  extent(offset: number, maxLength: number): Extent;
+  close(): Promise<void>;
+}

@@ -1,0 +1,301 @@
+// A qcow2 image opened for reading: header, active L1, snapshot table, and guest reads through L1/L2.
+
+import { QimgError, hex } from '../errors.js';
+import { decodeHeader, hasIncompat, l2Entries, validateHeader, HEADER_PROBE_BYTES, type Header } from '../format/header.js';
+import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, entryOffset, SubclusterKind, subclusterKind } from '../format/entries.js';
+import { u32 } from '../format/bytes.js';
+import * as L from '../format/layout.js';
+import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
+import { readAt, type BlockFile } from '../io/file.js';
+import { decompressCluster } from './decompress.js';
+import type { Extent, Layer } from './layer.js';
+
+/** L2 tables kept decoded at once; bounded so a huge image never grows memory. */
+const L2_CACHE_TABLES = 64;
+
+export class Qcow2Image implements Layer {
+  readonly format = 'qcow2' as const;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly l2Entries: number;
+  readonly extendedL2: boolean;
+  /** Bit 0 of a standard descriptor means "reads as zero" (v3 without extended L2). */
+  readonly zeroFlag: boolean;
+  readonly subclusterSize: number;
+  snapshots: SnapshotEntry[] = [];
+  snapshotTableBytes = 0;
+  /** The L1 table this view reads through (active, or a snapshot's). */
+  l1: Uint8Array;
+  virtualSize: number;
+  backing: Layer | null = null;
+  /** Where guest clusters live: the image itself, or its external data file. */
+  dataFile: BlockFile;
+  private l2Cache = new Map<number, Uint8Array>();
+  private lastCompressed: { offset: number; data: Uint8Array } | null = null;
+  private fileSize: number;
+
+  private constructor(
+    readonly file: BlockFile,
+    readonly filename: string,
+    readonly header: Header,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extendedL2 = hasIncompat(header, L.INCOMPAT_EXTL2);
+    this.zeroFlag = header.version >= 3 && !this.extendedL2;
+    this.l2Entries = l2Entries(this.clusterBits, this.extendedL2);
+    this.subclusterSize = this.extendedL2 ? this.clusterSize / L.SUBCLUSTERS_PER_CLUSTER : this.clusterSize;
+    this.virtualSize = header.size;
+    this.l1 = new Uint8Array(0);
+    this.dataFile = file;
+    this.fileSize = file.size();
+  }
+
+  /** Reads and validates the header only (what `info` needs even when the rest cannot be read). */
+  static readHeader(file: BlockFile): Header {
+    const probe = new Uint8Array(Math.min(HEADER_PROBE_BYTES, Math.max(file.size(), 0)));
+    readAt(file, probe, 0);
+    let h = decodeHeader(probe);
+    const clusterSize = 2 ** h.clusterBits;
+    if (clusterSize > probe.length && file.size() > probe.length) {
+      const c0 = new Uint8Array(Math.min(clusterSize, file.size()));
+      readAt(file, c0, 0);
+      h = decodeHeader(c0);
+    }
+    return h;
+  }
+
+  /** Opens the qcow2 structures of `file` (already opened and locked by the caller). */
+  static open(file: BlockFile, filename: string): Qcow2Image {
+    const header = Qcow2Image.readHeader(file);
+    validateHeader(header, file.size());
+    const img = new Qcow2Image(file, filename, header);
+    img.l1 = img.readTable(header.l1TableOffset, header.l1Size * 8, 'L1 table');
+    img.loadSnapshots();
+    return img;
+  }
+
+  private loadSnapshots(): void {
+    const h = this.header;
+    if (h.nbSnapshots === 0) return;
+    // Read in growing steps: the table's length is only known by decoding it, and nb_snapshots
+    // is untrusted, so never allocate more than the file can hold or QEMU's 64 MiB cap.
+    const cap = Math.min(L.MAX_SNAPSHOT_TABLE_BYTES, Math.max(0, this.fileSize - h.snapshotsOffset));
+    let want = Math.min(cap, Math.max(h.nbSnapshots * 64, 4096));
+    for (;;) {
+      const buf = new Uint8Array(want);
+      readAt(this.file, buf, h.snapshotsOffset);
+      try {
+        const t = decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset);
+        this.snapshots = t.entries;
+        this.snapshotTableBytes = t.byteLength;
+        return;
+      } catch (err) {
+        if (!(err instanceof QimgError) || !/truncated/.test(err.message) || want >= cap) {
+          if (err instanceof QimgError && /truncated/.test(err.message)) {
+            throw new QimgError('BAD_IMAGE', 'Snapshot table lies past the end of the file', { field: 'snapshots_offset' });
+          }
+          throw err;
+        }
+        want = Math.min(cap, want * 4);
+      }
+    }
+  }
+
+  /** Reads a table that must lie inside the file (QEMU fails the open otherwise). */
+  readTable(offset: number, bytes: number, what: string): Uint8Array {
+    if (bytes === 0) return new Uint8Array(0);
+    if (offset + bytes > this.fileSize) {
+      throw new QimgError('CORRUPT', `${what} at ${hex(offset)} (${bytes} bytes) lies past the end of the file`);
+    }
+    const buf = new Uint8Array(bytes);
+    readAt(this.file, buf, offset);
+    return buf;
+  }
+
+  /** A read-only view of this image as it was at a snapshot. Shares the file; closing it closes nothing. */
+  snapshotView(sn: SnapshotEntry): Qcow2Image {
+    const view = Object.create(Qcow2Image.prototype) as Qcow2Image;
+    Object.assign(view, this);
+    view.l2Cache = new Map();
+    view.lastCompressed = null;
+    if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Snapshot L1 table too large (snapshot ${sn.id})`);
+    if (sn.l1TableOffset % this.clusterSize !== 0) {
+      throw new QimgError('BAD_IMAGE', `Snapshot L1 table offset ${hex(sn.l1TableOffset)} is not cluster aligned (snapshot ${sn.id})`);
+    }
+    view.l1 = this.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+    view.virtualSize = sn.diskSize ?? this.virtualSize;
+    view.close = async () => {};
+    return view;
+  }
+
+  /** Host offset of the L2 table for guest cluster `gc`, or 0. */
+  private l2OffsetFor(gc: number): number {
+    const l1Index = Math.floor(gc / this.l2Entries);
+    if (l1Index * 8 >= this.l1.length) return 0;
+    const hi = u32(this.l1, l1Index * 8);
+    const lo = u32(this.l1, l1Index * 8 + 4);
+    const off = entryOffset(hi, lo);
+    if (off !== 0 && off % this.clusterSize !== 0) {
+      throw new QimgError('CORRUPT', `L1 table: entry ${l1Index} points to unaligned L2 table offset ${hex(off)}`);
+    }
+    return off;
+  }
+
+  private loadL2(offset: number): Uint8Array {
+    let t = this.l2Cache.get(offset);
+    if (t) return t;
+    if (offset + this.clusterSize > this.fileSize) {
+      throw new QimgError('CORRUPT', `L2 table at ${hex(offset)} lies past the end of the file`);
+    }
+    t = new Uint8Array(this.clusterSize);
+    readAt(this.file, t, offset);
+    if (this.l2Cache.size >= L2_CACHE_TABLES) this.l2Cache.delete(this.l2Cache.keys().next().value!);
+    this.l2Cache.set(offset, t);
+    return t;
+  }
+
+  /**
+   * Classifies guest bytes [offset, offset+len) within ONE cluster (or subcluster run) and calls
+   * back with the plan; the plan never crosses a cluster boundary.
+   */
+  private plan(offset: number, maxLen: number): Plan {
+    const cs = this.clusterSize;
+    const gc = Math.floor(offset / cs);
+    const inCluster = offset - gc * cs;
+    let len = Math.min(maxLen, cs - inCluster);
+    const l2Off = this.l2OffsetFor(gc);
+    if (l2Off === 0) return { kind: PlanKind.Unallocated, length: len, host: 0 };
+    const t = this.loadL2(l2Off);
+    const idx = gc % this.l2Entries;
+    const ew = this.extendedL2 ? 16 : 8;
+    const hi = u32(t, idx * ew);
+    const lo = u32(t, idx * ew + 4);
+    const kind = classifyL2(hi, lo, this.zeroFlag);
+    switch (kind) {
+      case ClusterKind.Compressed:
+        return { kind: PlanKind.Compressed, length: len, host: compressedOffset(hi, lo, this.clusterBits), hi, lo, inCluster };
+      case ClusterKind.ZeroPlain:
+      case ClusterKind.ZeroAlloc:
+        return { kind: PlanKind.Zero, length: len, host: 0 };
+      case ClusterKind.Unallocated:
+      case ClusterKind.Normal: {
+        const host = entryOffset(hi, lo);
+        if (host % cs !== 0) {
+          throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has unaligned cluster offset ${hex(host)}`);
+        }
+        if (!this.extendedL2) {
+          return kind === ClusterKind.Normal
+            ? { kind: PlanKind.Data, length: len, host: host + inCluster }
+            : { kind: PlanKind.Unallocated, length: len, host: 0 };
+        }
+        // Extended L2: the run of subclusters with the same state as the first one.
+        const alloc = u32(t, idx * ew + 12);
+        const zero = u32(t, idx * ew + 8);
+        const sc = Math.floor(inCluster / this.subclusterSize);
+        const state = subclusterKind(alloc, zero, sc);
+        let end = sc + 1;
+        while (end < L.SUBCLUSTERS_PER_CLUSTER && subclusterKind(alloc, zero, end) === state) end++;
+        len = Math.min(len, end * this.subclusterSize - inCluster);
+        if (state === SubclusterKind.Allocated) {
+          if (host === 0) throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has allocated subclusters but no cluster offset`);
+          return { kind: PlanKind.Data, length: len, host: host + inCluster };
+        }
+        return { kind: state === SubclusterKind.Zero ? PlanKind.Zero : PlanKind.Unallocated, length: len, host: 0 };
+      }
+    }
+  }
+
+  read(buf: Uint8Array, offset: number): void {
+    let done = 0;
+    const end = Math.min(buf.length, Math.max(0, this.virtualSize - offset));
+    while (done < end) {
+      const p = this.plan(offset + done, end - done);
+      let len = p.length;
+      const out = buf.subarray(done, done + len);
+      switch (p.kind) {
+        case PlanKind.Zero:
+          out.fill(0);
+          break;
+        case PlanKind.Unallocated:
+          if (this.backing) this.backing.read(out, offset + done);
+          else out.fill(0);
+          break;
+        case PlanKind.Compressed: {
+          const data = this.compressedCluster(p.hi!, p.lo!);
+          out.set(data.subarray(p.inCluster!, p.inCluster! + len));
+          break;
+        }
+        case PlanKind.Data: {
+          // Coalesce following clusters that are contiguous on the host into one read.
+          let host = p.host;
+          while (done + len < end) {
+            const q = this.plan(offset + done + len, end - done - len);
+            if (q.kind !== PlanKind.Data || q.host !== host + len) break;
+            len += q.length;
+          }
+          const n = this.dataFile.read(buf.subarray(done, done + len), host);
+          if (n < len) buf.fill(0, done + n, done + len); // data past EOF reads as zeros, as in QEMU
+          host = 0;
+          break;
+        }
+      }
+      done += len;
+    }
+    if (end < buf.length) buf.fill(0, Math.max(end, 0));
+  }
+
+  private compressedCluster(hi: number, lo: number): Uint8Array {
+    const off = compressedOffset(hi, lo, this.clusterBits);
+    if (this.lastCompressed?.offset === off) return this.lastCompressed.data;
+    const clen = compressedByteLength(hi, lo, this.clusterBits);
+    if (off + 1 > this.fileSize) throw new QimgError('CORRUPT', `compressed cluster at ${hex(off)} lies past the end of the file`);
+    const input = new Uint8Array(Math.min(clen, this.fileSize - off));
+    readAt(this.file, input, off);
+    const data = decompressCluster(input, this.clusterSize, this.header.compressionType, off);
+    this.lastCompressed = { offset: off, data };
+    return data;
+  }
+
+  extent(offset: number, maxLength: number): Extent {
+    let len = 0;
+    let kind: 'zero' | 'data' | null = null;
+    const end = Math.min(offset + maxLength, this.virtualSize);
+    while (offset + len < end) {
+      const p = this.plan(offset + len, end - offset - len);
+      let k: 'zero' | 'data';
+      let plen = p.length;
+      if (p.kind === PlanKind.Unallocated) {
+        if (!this.backing || offset + len >= this.backing.virtualSize) k = 'zero';
+        else {
+          const b = this.backing.extent(offset + len, Math.min(plen, this.backing.virtualSize - offset - len));
+          k = b.kind;
+          plen = b.length;
+        }
+      } else k = p.kind === PlanKind.Zero ? 'zero' : 'data';
+      if (kind === null) kind = k;
+      else if (k !== kind) break;
+      len += plen;
+    }
+    return { kind: kind ?? 'zero', length: Math.max(len, 0) };
+  }
+
+  async close(): Promise<void> {
+    if (this.backing) await this.backing.close();
+    if (this.dataFile !== this.file) this.dataFile.close();
+    this.file.close();
+  }
+}
+
+const PlanKind = { Unallocated: 0, Zero: 1, Data: 2, Compressed: 3 } as const;
+type PlanKind = (typeof PlanKind)[keyof typeof PlanKind];
+
+interface Plan {
+  kind: PlanKind;
+  length: number;
+  /** Host offset of the first byte (Data), or of the compressed stream (Compressed). */
+  host: number;
+  hi?: number;
+  lo?: number;
+  inCluster?: number;
+}

@@ -1,0 +1,78 @@
+// Big-endian integer access on raw bytes; 64-bit values as exact JS numbers or an error.
+
+import { QimgError } from '../errors.js';
+
+export function view(buf: Uint8Array): DataView {
+  return new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+}
+
+export function u16(buf: Uint8Array, off: number): number {
+  return (buf[off]! << 8) | buf[off + 1]!;
+}
+
+export function u32(buf: Uint8Array, off: number): number {
+  return ((buf[off]! << 24) | (buf[off + 1]! << 16) | (buf[off + 2]! << 8) | buf[off + 3]!) >>> 0;
+}
+
+/** A 64-bit field that must be an exact number; `what` names it in the error. */
+export function u64(buf: Uint8Array, off: number, what: string): number {
+  const hi = u32(buf, off);
+  const lo = u32(buf, off + 4);
+  if (hi > 0x1fffff) {
+    throw new QimgError('BAD_IMAGE', `${what} is too large (0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')})`);
+  }
+  return hi * 0x100000000 + lo;
+}
+
+/** A 64-bit field kept whole (feature masks, icount -1). */
+export function u64n(buf: Uint8Array, off: number): bigint {
+  return (BigInt(u32(buf, off)) << 32n) | BigInt(u32(buf, off + 4));
+}
+
+export function setU16(buf: Uint8Array, off: number, v: number): void {
+  buf[off] = (v >>> 8) & 0xff;
+  buf[off + 1] = v & 0xff;
+}
+
+export function setU32(buf: Uint8Array, off: number, v: number): void {
+  buf[off] = (v >>> 24) & 0xff;
+  buf[off + 1] = (v >>> 16) & 0xff;
+  buf[off + 2] = (v >>> 8) & 0xff;
+  buf[off + 3] = v & 0xff;
+}
+
+export function setU64(buf: Uint8Array, off: number, v: number): void {
+  if (!Number.isSafeInteger(v) || v < 0) throw new QimgError('USAGE', `cannot encode ${v} as an unsigned 64-bit field`);
+  setU32(buf, off, Math.floor(v / 0x100000000));
+  setU32(buf, off + 4, v >>> 0);
+}
+
+export function setU64n(buf: Uint8Array, off: number, v: bigint): void {
+  setU32(buf, off, Number((v >> 32n) & 0xffffffffn));
+  setU32(buf, off + 4, Number(v & 0xffffffffn));
+}
+
+const utf8 = new TextDecoder('utf-8');
+const utf8Strict = new TextDecoder('utf-8', { fatal: true });
+const utf8Enc = new TextEncoder();
+
+/** Bytes -> string; invalid UTF-8 falls back to latin1 so every byte still shows. */
+export function decodeString(buf: Uint8Array): string {
+  try {
+    return utf8Strict.decode(buf);
+  } catch {
+    return utf8.decode(buf);
+  }
+}
+
+export function encodeString(s: string): Uint8Array {
+  return utf8Enc.encode(s);
+}
+
+export function align(n: number, a: number): number {
+  return Math.ceil(n / a) * a;
+}
+
+export function isAligned(n: number, a: number): boolean {
+  return n % a === 0;
+}

@@ -1,0 +1,393 @@
+// qcow2 header v2/v3 and its extensions: decode, validate against QEMU's open-time limits, encode.
+
+import { QimgError, hex } from '../errors.js';
+import { align, decodeString, encodeString, setU32, setU64, setU64n, u32, u64, u64n } from './bytes.js';
+import * as L from './layout.js';
+
+export interface HeaderExtension {
+  type: number;
+  /** The extension's data, verbatim (without padding). */
+  data: Uint8Array;
+}
+
+export interface FeatureName {
+  /** 0 incompatible, 1 compatible, 2 autoclear. */
+  type: number;
+  bit: number;
+  name: string;
+}
+
+export interface BitmapsExtension {
+  nbBitmaps: number;
+  bitmapDirectorySize: number;
+  bitmapDirectoryOffset: number;
+}
+
+export interface CryptoExtension {
+  offset: number;
+  length: number;
+}
+
+export interface Header {
+  version: number;
+  backingFileOffset: number;
+  backingFileSize: number;
+  clusterBits: number;
+  size: number;
+  cryptMethod: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  nbSnapshots: number;
+  snapshotsOffset: number;
+  incompatibleFeatures: bigint;
+  compatibleFeatures: bigint;
+  autoclearFeatures: bigint;
+  refcountOrder: number;
+  headerLength: number;
+  compressionType: number;
+  /** Header bytes past compression_type up to header_length (future fields), kept verbatim. */
+  tailBytes: Uint8Array;
+  /** Every extension in file order, known ones included, so a rewrite keeps them. */
+  extensions: HeaderExtension[];
+  backingFile: string | null;
+  backingFormat: string | null;
+  dataFile: string | null;
+  featureNames: FeatureName[];
+  bitmaps: BitmapsExtension | null;
+  crypto: CryptoExtension | null;
+}
+
+export function hasIncompat(h: Header, bit: number): boolean {
+  return ((h.incompatibleFeatures >> BigInt(bit)) & 1n) === 1n;
+}
+export function hasCompat(h: Header, bit: number): boolean {
+  return ((h.compatibleFeatures >> BigInt(bit)) & 1n) === 1n;
+}
+export function hasAutoclear(h: Header, bit: number): boolean {
+  return ((h.autoclearFeatures >> BigInt(bit)) & 1n) === 1n;
+}
+
+/** The number of header bytes needed before cluster_bits is known (v3 header with extensions may be longer). */
+export const HEADER_PROBE_BYTES = 4096;
+
+/** True if the bytes start with the qcow2 magic. */
+export function isQcow2(buf: Uint8Array): boolean {
+  return buf.length >= 4 && u32(buf, L.H_MAGIC) === L.QCOW_MAGIC;
+}
+
+/**
+ * Decodes the header from the bytes of cluster 0 (or the whole file when it is shorter).
+ * Throws BAD_IMAGE / UNSUPPORTED with QEMU's wording for what it refuses on open.
+ */
+export function decodeHeader(buf: Uint8Array): Header {
+  if (buf.length < L.V2_HEADER_LENGTH || u32(buf, L.H_MAGIC) !== L.QCOW_MAGIC) {
+    throw new QimgError('BAD_IMAGE', 'Image is not in qcow2 format');
+  }
+  const version = u32(buf, L.H_VERSION);
+  if (version < 2 || version > 3) {
+    throw new QimgError('UNSUPPORTED', `Unsupported qcow2 version ${version}`, { field: 'version', value: version });
+  }
+  const clusterBits = u32(buf, L.H_CLUSTER_BITS);
+  if (clusterBits < L.MIN_CLUSTER_BITS || clusterBits > L.MAX_CLUSTER_BITS) {
+    throw new QimgError('UNSUPPORTED', `Unsupported cluster size: 2^${clusterBits}`, { field: 'cluster_bits', value: clusterBits });
+  }
+  const clusterSize = 2 ** clusterBits;
+
+  let headerLength = L.V2_HEADER_LENGTH;
+  let incompatibleFeatures = 0n;
+  let compatibleFeatures = 0n;
+  let autoclearFeatures = 0n;
+  let refcountOrder = 4;
+  if (version === 3) {
+    if (buf.length < L.V3_MIN_HEADER_LENGTH) throw new QimgError('BAD_IMAGE', 'qcow2 header too short');
+    headerLength = u32(buf, L.H_HEADER_LENGTH);
+    if (headerLength < L.V3_MIN_HEADER_LENGTH) {
+      throw new QimgError('BAD_IMAGE', 'qcow2 header too short', { field: 'header_length', value: headerLength });
+    }
+    if (headerLength > clusterSize) {
+      throw new QimgError('BAD_IMAGE', 'qcow2 header exceeds cluster size', { field: 'header_length', value: headerLength });
+    }
+    if (headerLength % 8 !== 0) {
+      throw new QimgError('BAD_IMAGE', `Header length must be a multiple of 8 (is ${headerLength})`, { field: 'header_length' });
+    }
+    if (buf.length < headerLength) throw new QimgError('BAD_IMAGE', 'qcow2 header is truncated');
+    incompatibleFeatures = u64n(buf, L.H_INCOMPATIBLE_FEATURES);
+    compatibleFeatures = u64n(buf, L.H_COMPATIBLE_FEATURES);
+    autoclearFeatures = u64n(buf, L.H_AUTOCLEAR_FEATURES);
+    refcountOrder = u32(buf, L.H_REFCOUNT_ORDER);
+  }
+  const compressionType = headerLength > L.H_COMPRESSION_TYPE ? buf[L.H_COMPRESSION_TYPE]! : L.COMPRESSION_ZLIB;
+  const tailStart = Math.min(headerLength, L.H_COMPRESSION_TYPE + 1);
+  const tailBytes = buf.slice(tailStart, headerLength);
+
+  const h: Header = {
+    version,
+    backingFileOffset: u64(buf, L.H_BACKING_FILE_OFFSET, 'backing_file_offset'),
+    backingFileSize: u32(buf, L.H_BACKING_FILE_SIZE),
+    clusterBits,
+    size: u64(buf, L.H_SIZE, 'Image size'),
+    cryptMethod: u32(buf, L.H_CRYPT_METHOD),
+    l1Size: u32(buf, L.H_L1_SIZE),
+    l1TableOffset: u64(buf, L.H_L1_TABLE_OFFSET, 'l1_table_offset'),
+    refcountTableOffset: u64(buf, L.H_REFCOUNT_TABLE_OFFSET, 'refcount_table_offset'),
+    refcountTableClusters: u32(buf, L.H_REFCOUNT_TABLE_CLUSTERS),
+    nbSnapshots: u32(buf, L.H_NB_SNAPSHOTS),
+    snapshotsOffset: u64(buf, L.H_SNAPSHOTS_OFFSET, 'snapshots_offset'),
+    incompatibleFeatures,
+    compatibleFeatures,
+    autoclearFeatures,
+    refcountOrder,
+    headerLength,
+    compressionType,
+    tailBytes,
+    extensions: [],
+    backingFile: null,
+    backingFormat: null,
+    dataFile: null,
+    featureNames: [],
+    bitmaps: null,
+    crypto: null,
+  };
+
+  if (h.backingFileOffset > clusterSize) {
+    throw new QimgError('BAD_IMAGE', 'Invalid backing file offset', { field: 'backing_file_offset', value: h.backingFileOffset });
+  }
+  // Extensions live between the header and the backing file name (or the end of cluster 0).
+  const extEnd = Math.min(h.backingFileOffset || clusterSize, buf.length);
+  decodeExtensions(h, buf, headerLength, extEnd);
+
+  if (h.backingFileOffset) {
+    if (h.backingFileSize > L.MAX_BACKING_FILE_NAME || h.backingFileOffset + h.backingFileSize > clusterSize) {
+      throw new QimgError('BAD_IMAGE', 'Backing file name too long', { field: 'backing_file_size', value: h.backingFileSize });
+    }
+    if (h.backingFileOffset + h.backingFileSize > buf.length) {
+      throw new QimgError('BAD_IMAGE', 'Backing file name lies past the end of the file');
+    }
+    h.backingFile = decodeString(buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
+  }
+  return h;
+}
+
+function decodeExtensions(h: Header, buf: Uint8Array, start: number, end: number): void {
+  let off = start;
+  while (off + L.EXT_HEADER_BYTES <= end) {
+    const type = u32(buf, off);
+    const len = u32(buf, off + 4);
+    off += L.EXT_HEADER_BYTES;
+    if (type === L.EXT_END) return;
+    if (len > end - off) {
+      throw new QimgError('BAD_IMAGE', `Header extension 0x${type.toString(16)} at ${hex(off - 8)} is too large (${len} bytes)`);
+    }
+    const data = buf.slice(off, off + len);
+    h.extensions.push({ type, data });
+    decodeKnownExtension(h, type, data);
+    off += align(len, 8);
+  }
+  // QEMU tolerates a missing end marker when the area is exhausted.
+}
+
+function decodeKnownExtension(h: Header, type: number, data: Uint8Array): void {
+  switch (type) {
+    case L.EXT_BACKING_FORMAT:
+      h.backingFormat = decodeString(data);
+      break;
+    case L.EXT_DATA_FILE:
+      h.dataFile = decodeString(data);
+      break;
+    case L.EXT_FEATURE_TABLE:
+      for (let i = 0; i + L.FEATURE_TABLE_ENTRY_BYTES <= data.length; i += L.FEATURE_TABLE_ENTRY_BYTES) {
+        const raw = data.subarray(i + 2, i + 2 + L.FEATURE_NAME_BYTES);
+        const nul = raw.indexOf(0);
+        h.featureNames.push({ type: data[i]!, bit: data[i + 1]!, name: decodeString(nul < 0 ? raw : raw.subarray(0, nul)) });
+      }
+      break;
+    case L.EXT_BITMAPS:
+      if (data.length < L.BITMAPS_EXT_BYTES) throw new QimgError('BAD_IMAGE', 'bitmaps_ext: Invalid extension length');
+      h.bitmaps = {
+        nbBitmaps: u32(data, 0),
+        bitmapDirectorySize: u64(data, 8, 'bitmap_directory_size'),
+        bitmapDirectoryOffset: u64(data, 16, 'bitmap_directory_offset'),
+      };
+      break;
+    case L.EXT_CRYPTO:
+      if (data.length !== L.CRYPTO_EXT_BYTES) throw new QimgError('BAD_IMAGE', 'Invalid encryption header extension length');
+      h.crypto = { offset: u64(data, 0, 'crypto header offset'), length: u64(data, 8, 'crypto header length') };
+      break;
+    default:
+      break; // unknown: kept verbatim in h.extensions
+  }
+}
+
+/** Names the set bits of a feature mask outside `known`, using the image's own feature name table. */
+export function unknownFeatureNames(h: Header, type: number, mask: bigint, known: bigint): string[] {
+  const names: string[] = [];
+  for (let bit = 0; bit < 64; bit++) {
+    const b = 1n << BigInt(bit);
+    if ((mask & b) === 0n || (known & b) !== 0n) continue;
+    const named = h.featureNames.find((f) => f.type === type && f.bit === bit);
+    names.push(named ? named.name : `Unknown incompatible feature: ${b.toString(16)}`);
+  }
+  return names;
+}
+
+/**
+ * QEMU's open-time checks that need only the header and the file size. Each failure names the field.
+ * Structures that need reading (tables' contents) are checked by the engine.
+ */
+export function validateHeader(h: Header, fileSize: number): void {
+  const clusterSize = 2 ** h.clusterBits;
+  const unknown = unknownFeatureNames(h, L.FEATURE_INCOMPATIBLE, h.incompatibleFeatures, L.KNOWN_INCOMPATIBLE_MASK);
+  if (unknown.length) {
+    throw new QimgError('UNSUPPORTED', `Unsupported qcow2 feature(s): ${unknown.join(', ')}`, { field: 'incompatible_features' });
+  }
+  if (h.refcountOrder > L.MAX_REFCOUNT_ORDER) {
+    throw new QimgError('UNSUPPORTED', 'Reference count entry width too large; may not exceed 64 bits', { field: 'refcount_order' });
+  }
+  if (hasIncompat(h, L.INCOMPAT_EXTL2) && h.clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
+    throw new QimgError('BAD_IMAGE', 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes', { field: 'cluster_bits' });
+  }
+  if (hasIncompat(h, L.INCOMPAT_COMPRESSION)) {
+    if (h.compressionType === L.COMPRESSION_ZLIB) {
+      throw new QimgError('BAD_IMAGE', 'compression type incompatible feature bit must not be set with zlib compression', { field: 'compression_type' });
+    }
+  } else if (h.compressionType !== L.COMPRESSION_ZLIB) {
+    throw new QimgError('BAD_IMAGE', 'compression type incompatible feature bit must be set', { field: 'compression_type' });
+  }
+  if (h.compressionType > L.COMPRESSION_ZSTD) {
+    throw new QimgError('UNSUPPORTED', `Unknown compression type ${h.compressionType}`, { field: 'compression_type' });
+  }
+  if (h.cryptMethod > L.CRYPT_LUKS) {
+    throw new QimgError('UNSUPPORTED', `Unsupported encryption method: ${h.cryptMethod}`, { field: 'crypt_method' });
+  }
+
+  const reftableBytes = h.refcountTableClusters * clusterSize;
+  if (reftableBytes > L.MAX_REFTABLE_BYTES) {
+    throw new QimgError('BAD_IMAGE', 'Reference count table too large', { field: 'refcount_table_clusters' });
+  }
+  if (h.refcountTableClusters === 0) {
+    throw new QimgError('BAD_IMAGE', 'Image does not contain a reference count table', { field: 'refcount_table_clusters' });
+  }
+  checkTableOffset(h.refcountTableOffset, reftableBytes, clusterSize, 'Invalid reference count table offset', 'refcount_table_offset');
+
+  if (h.nbSnapshots > L.MAX_SNAPSHOTS) {
+    throw new QimgError('BAD_IMAGE', 'Too many snapshots', { field: 'nb_snapshots' });
+  }
+  // The snapshot table's length is only known by reading it; QEMU checks offset alignment and a minimal size.
+  checkTableOffset(h.snapshotsOffset, h.nbSnapshots * L.SN_HEADER_BYTES, clusterSize, 'Invalid snapshot table offset', 'snapshots_offset');
+
+  if (h.l1Size > L.MAX_L1_ENTRIES) {
+    throw new QimgError('BAD_IMAGE', 'Active L1 table too large', { field: 'l1_size' });
+  }
+  if (h.l1Size < l1EntriesFor(h.size, h.clusterBits, hasIncompat(h, L.INCOMPAT_EXTL2))) {
+    throw new QimgError('BAD_IMAGE', 'L1 table is too small', { field: 'l1_size' });
+  }
+  if (h.l1Size > 0) {
+    checkTableOffset(h.l1TableOffset, h.l1Size * 8, clusterSize, 'Invalid L1 table offset', 'l1_table_offset');
+  }
+  void fileSize; // tables past EOF are found when read, as QEMU does
+}
+
+function checkTableOffset(offset: number, bytes: number, clusterSize: number, message: string, field: string): void {
+  if (offset % clusterSize !== 0 || offset + bytes > L.MAX_SAFE_OFFSET) {
+    throw new QimgError('BAD_IMAGE', message, { field, value: offset });
+  }
+}
+
+/** L2 entries per table: 8-byte entries, or 16-byte ones with extended L2. */
+export function l2Entries(clusterBits: number, extendedL2: boolean): number {
+  return 2 ** clusterBits / (extendedL2 ? 16 : 8);
+}
+
+/** L1 entries needed to map `size` bytes. */
+export function l1EntriesFor(size: number, clusterBits: number, extendedL2: boolean): number {
+  const bytesPerL2 = l2Entries(clusterBits, extendedL2) * 2 ** clusterBits;
+  return Math.ceil(size / bytesPerL2);
+}
+
+/**
+ * Encodes header fields + extensions + backing file name into a fresh buffer of `clusterSize`
+ * bytes (cluster 0). Extensions are written in the order given; the end marker is added.
+ */
+export function encodeHeader(h: Header): Uint8Array {
+  const clusterSize = 2 ** h.clusterBits;
+  const buf = new Uint8Array(clusterSize);
+  setU32(buf, L.H_MAGIC, L.QCOW_MAGIC);
+  setU32(buf, L.H_VERSION, h.version);
+  setU32(buf, L.H_CLUSTER_BITS, h.clusterBits);
+  setU64(buf, L.H_SIZE, h.size);
+  setU32(buf, L.H_CRYPT_METHOD, h.cryptMethod);
+  setU32(buf, L.H_L1_SIZE, h.l1Size);
+  setU64(buf, L.H_L1_TABLE_OFFSET, h.l1TableOffset);
+  setU64(buf, L.H_REFCOUNT_TABLE_OFFSET, h.refcountTableOffset);
+  setU32(buf, L.H_REFCOUNT_TABLE_CLUSTERS, h.refcountTableClusters);
+  setU32(buf, L.H_NB_SNAPSHOTS, h.nbSnapshots);
+  setU64(buf, L.H_SNAPSHOTS_OFFSET, h.snapshotsOffset);
+  let off = L.V2_HEADER_LENGTH;
+  if (h.version >= 3) {
+    setU64n(buf, L.H_INCOMPATIBLE_FEATURES, h.incompatibleFeatures);
+    setU64n(buf, L.H_COMPATIBLE_FEATURES, h.compatibleFeatures);
+    setU64n(buf, L.H_AUTOCLEAR_FEATURES, h.autoclearFeatures);
+    setU32(buf, L.H_REFCOUNT_ORDER, h.refcountOrder);
+    setU32(buf, L.H_HEADER_LENGTH, h.headerLength);
+    if (h.headerLength > L.H_COMPRESSION_TYPE) buf[L.H_COMPRESSION_TYPE] = h.compressionType;
+    buf.set(h.tailBytes, Math.min(h.headerLength, L.H_COMPRESSION_TYPE + 1));
+    off = h.headerLength;
+  }
+  for (const ext of h.extensions) {
+    const need = L.EXT_HEADER_BYTES + align(ext.data.length, 8);
+    if (off + need + L.EXT_HEADER_BYTES > clusterSize) throw new QimgError('USAGE', 'header extensions do not fit in cluster 0');
+    setU32(buf, off, ext.type);
+    setU32(buf, off + 4, ext.data.length);
+    buf.set(ext.data, off + L.EXT_HEADER_BYTES);
+    off += need;
+  }
+  setU32(buf, off, L.EXT_END);
+  setU32(buf, off + 4, 0);
+  off += L.EXT_HEADER_BYTES;
+  if (h.backingFile !== null) {
+    const name = encodeString(h.backingFile);
+    if (name.length > L.MAX_BACKING_FILE_NAME || off + name.length > clusterSize) {
+      throw new QimgError('USAGE', 'Backing file name too long');
+    }
+    buf.set(name, off);
+    setU64(buf, L.H_BACKING_FILE_OFFSET, off);
+    setU32(buf, L.H_BACKING_FILE_SIZE, name.length);
+    off += name.length;
+  }
+  return buf.subarray(0, off);
+}
+
+/** The extension list QEMU writes for the known fields, in QEMU's order, then unknown ones verbatim. */
+export function buildExtensions(h: Header): HeaderExtension[] {
+  const out: HeaderExtension[] = [];
+  if (h.backingFormat !== null) out.push({ type: L.EXT_BACKING_FORMAT, data: encodeString(h.backingFormat) });
+  if (h.dataFile !== null) out.push({ type: L.EXT_DATA_FILE, data: encodeString(h.dataFile) });
+  if (h.crypto) {
+    const d = new Uint8Array(L.CRYPTO_EXT_BYTES);
+    setU64(d, 0, h.crypto.offset);
+    setU64(d, 8, h.crypto.length);
+    out.push({ type: L.EXT_CRYPTO, data: d });
+  }
+  if (h.version >= 3) {
+    const names = L.KNOWN_FEATURES;
+    const d = new Uint8Array(names.length * L.FEATURE_TABLE_ENTRY_BYTES);
+    names.forEach((f, i) => {
+      d[i * L.FEATURE_TABLE_ENTRY_BYTES] = f.type;
+      d[i * L.FEATURE_TABLE_ENTRY_BYTES + 1] = f.bit;
+      d.set(encodeString(f.name), i * L.FEATURE_TABLE_ENTRY_BYTES + 2);
+    });
+    out.push({ type: L.EXT_FEATURE_TABLE, data: d });
+  }
+  if (h.bitmaps) {
+    const d = new Uint8Array(L.BITMAPS_EXT_BYTES);
+    setU32(d, 0, h.bitmaps.nbBitmaps);
+    setU64(d, 8, h.bitmaps.bitmapDirectorySize);
+    setU64(d, 16, h.bitmaps.bitmapDirectoryOffset);
+    out.push({ type: L.EXT_BITMAPS, data: d });
+  }
+  const known = new Set([L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_CRYPTO, L.EXT_FEATURE_TABLE, L.EXT_BITMAPS]);
+  for (const e of h.extensions) if (!known.has(e.type)) out.push(e);
+  return out;
+}

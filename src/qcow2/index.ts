@@ -1,0 +1,10 @@
+// The public library API of qimg: re-exports only.
+
+export { QimgError, type ErrorCode } from './errors.js';
+export type { ImageInfo, SnapshotInfo, Qcow2Specific, BitmapInfo, LuksInfo } from './engine/types.js';
+export { openImage, openLayer, resolveBackingPath, MAX_CHAIN_DEPTH, type OpenOptions, type BackingPolicy, type ImageFormat } from './engine/open.js';
+export type { Layer, Extent } from './engine/layer.js';
+export { Qcow2Image } from './engine/qcow2-image.js';
+export { RawImage } from './engine/raw-image.js';
+export { info, listSnapshots, findSnapshot, parseSnapshotSelector, type InfoOptions, type ReadOptions, type SnapshotSelector } from './engine/info.js';
+export { convert, type ConvertOptions } from './engine/convert.js';

@@ -1,0 +1,118 @@
+// Positional file I/O behind one small synchronous interface: the only code that opens image files.
+//
+// Synchronous on purpose: the engine issues many small metadata reads in a dependent order, and
+// Node's async fs pays a thread-pool round trip for each. Concurrency across images comes from
+// worker threads, not from interleaving one image's I/O.
+
+import * as fs from 'node:fs';
+import { QimgError, ioError } from '../errors.js';
+
+export interface BlockFile {
+  readonly path: string;
+  readonly writable: boolean;
+  /** Reads up to buf.length bytes at pos; returns bytes read (short only at end of file). */
+  read(buf: Uint8Array, pos: number): number;
+  write(buf: Uint8Array, pos: number): void;
+  /** Makes every completed write durable (fsync): an ordering point. */
+  flush(): void;
+  size(): number;
+  truncate(size: number): void;
+  /** Bytes the file occupies on the host (allocated blocks). */
+  allocatedBytes(): number;
+  close(): void;
+  /** The OS descriptor when there is one (locks need it). */
+  readonly fd: number | null;
+}
+
+/** Reads exactly buf.length bytes, filling past end-of-file with zeros; returns bytes really read. */
+export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
+  const n = file.read(buf, pos);
+  if (n < buf.length) buf.fill(0, n);
+  return n;
+}
+
+export class NodeFile implements BlockFile {
+  readonly fd: number;
+  private closed = false;
+
+  private constructor(
+    readonly path: string,
+    fd: number,
+    readonly writable: boolean,
+  ) {
+    this.fd = fd;
+  }
+
+  static open(path: string, writable: boolean): NodeFile {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, writable ? 'r+' : 'r');
+    } catch (err) {
+      throw ioError(err, path, 'Could not open');
+    }
+    const st = fs.fstatSync(fd);
+    if (st.isDirectory()) {
+      fs.closeSync(fd);
+      throw new QimgError('IO', `Could not open '${path}': Is a directory`, { path });
+    }
+    return new NodeFile(path, fd, writable);
+  }
+
+  read(buf: Uint8Array, pos: number): number {
+    let done = 0;
+    while (done < buf.length) {
+      let n: number;
+      try {
+        n = fs.readSync(this.fd, buf, done, buf.length - done, pos + done);
+      } catch (err) {
+        throw ioError(err, this.path, 'Could not read');
+      }
+      if (n === 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  write(buf: Uint8Array, pos: number): void {
+    if (!this.writable) throw new QimgError('READ_ONLY', `'${this.path}' is open read-only`);
+    let done = 0;
+    while (done < buf.length) {
+      try {
+        done += fs.writeSync(this.fd, buf, done, buf.length - done, pos + done);
+      } catch (err) {
+        throw ioError(err, this.path, 'Could not write to');
+      }
+    }
+  }
+
+  flush(): void {
+    if (!this.writable) return;
+    try {
+      fs.fsyncSync(this.fd);
+    } catch (err) {
+      throw ioError(err, this.path, 'Could not flush');
+    }
+  }
+
+  size(): number {
+    return fs.fstatSync(this.fd).size;
+  }
+
+  truncate(size: number): void {
+    try {
+      fs.ftruncateSync(this.fd, size);
+    } catch (err) {
+      throw ioError(err, this.path, 'Could not resize');
+    }
+  }
+
+  allocatedBytes(): number {
+    return fs.fstatSync(this.fd).blocks * 512;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    fs.closeSync(this.fd);
+  }
+}

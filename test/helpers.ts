@@ -1,0 +1,66 @@
+// Shared test plumbing: temp dirs, running qemu-img/qemu-io (the oracle) and the qimg CLI.
+import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** Repository root (tests run from dist/test/...). */
+export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const FIXTURES = join(REPO, 'fixtures');
+export const QIMG_BIN = join(REPO, 'bin', 'qimg.js');
+
+export interface RunResult {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+function result(r: SpawnSyncReturns<string>): RunResult {
+  if (r.error) throw r.error;
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+const baseEnv = { ...process.env, LC_ALL: 'C', TZ: process.env.TZ ?? 'UTC' };
+
+export function run(cmd: string, args: string[], env: Record<string, string> = {}, cwd?: string): RunResult {
+  return result(spawnSync(cmd, args, { encoding: 'utf8', env: { ...baseEnv, ...env }, cwd, maxBuffer: 1 << 28 }));
+}
+
+export function qemuImg(args: string[], env: Record<string, string> = {}, cwd?: string): RunResult {
+  return run('qemu-img', args, env, cwd);
+}
+
+export function qemuIo(args: string[], env: Record<string, string> = {}): RunResult {
+  return run('qemu-io', args, env);
+}
+
+/** Runs the qimg CLI as a user would. */
+export function qimg(args: string[], env: Record<string, string> = {}, cwd?: string): RunResult {
+  return run(process.execPath, [QIMG_BIN, ...args], env, cwd);
+}
+
+/** qemu-img, failing the test with its stderr when it fails. */
+export function mustQemuImg(args: string[], env: Record<string, string> = {}, cwd?: string): string {
+  const r = qemuImg(args, env, cwd);
+  if (r.status !== 0) throw new Error(`qemu-img ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+export function mustQemuIo(args: string[]): string {
+  const r = qemuIo(args);
+  if (r.status !== 0 || /error|failed/i.test(r.stderr + r.stdout)) {
+    throw new Error(`qemu-io ${args.join(' ')} failed: ${r.stderr}${r.stdout}`);
+  }
+  return r.stdout;
+}
+
+const dirs: string[] = [];
+export function tmpDir(prefix = 'qimg-test-'): string {
+  const d = mkdtempSync(join(tmpdir(), prefix));
+  dirs.push(d);
+  return d;
+}
+process.on('exit', () => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
