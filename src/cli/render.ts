@@ -360,7 +360,7 @@ function qcow2DataDict(q: Qcow2Specific): QDict {
     ['bitmaps', q.bitmaps && q.bitmaps.length > 0 ? q.bitmaps.map(bitmapDict) : undefined],
     ['refcount-bits', q.refcountBits],
     ['data-file', q.dataFile],
-    ['encrypt', q.encrypt === undefined ? undefined : q.encrypt.format === 'aes' ? new QDict([['format', 'aes']]) : luksDict(q.encrypt)],
+    ['encrypt', q.encrypt && (q.encrypt.format === 'aes' ? new QDict([['format', 'aes']]) : luksDict(q.encrypt))],
     ['data-file-raw', q.dataFileRaw],
     ['corrupt', q.corrupt],
     ['extended-l2', q.extendedL2],
