@@ -31,8 +31,11 @@ export class Qcow2Image implements Layer {
   /** Where guest clusters live: the image itself, or its external data file. */
   dataFile: BlockFile;
   private l2Cache = new Map<number, Uint8Array>();
-  private lastCompressed: { offset: number; data: Uint8Array } | null = null;
-  private fileSize: number;
+  /** L2 tables changed by a writer and not yet committed: never evicted, consulted first. */
+  readonly dirtyL2 = new Map<number, Uint8Array>();
+  lastCompressed: { offset: number; data: Uint8Array } | null = null;
+  /** Host file size as last known; a writer updates it as it extends the file. */
+  fileSize: number;
 
   private constructor(
     readonly file: BlockFile,
@@ -118,6 +121,7 @@ export class Qcow2Image implements Layer {
     const view = Object.create(Qcow2Image.prototype) as Qcow2Image;
     Object.assign(view, this);
     view.l2Cache = new Map();
+    (view as { dirtyL2: Map<number, Uint8Array> }).dirtyL2 = new Map();
     view.lastCompressed = null;
     if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Snapshot L1 table too large (snapshot ${sn.id})`);
     if (sn.l1TableOffset % this.clusterSize !== 0) {
@@ -142,8 +146,27 @@ export class Qcow2Image implements Layer {
     return off;
   }
 
+  /** The L2 table at `offset` (a writer's uncommitted copy when there is one). */
+  l2Table(offset: number): Uint8Array {
+    return this.loadL2(offset);
+  }
+
+  /** After a commit: the written tables become clean cache entries. */
+  adoptDirtyL2(): void {
+    for (const [off, t] of this.dirtyL2) {
+      if (this.l2Cache.size >= L2_CACHE_TABLES) this.l2Cache.delete(this.l2Cache.keys().next().value!);
+      this.l2Cache.set(off, t);
+    }
+    this.dirtyL2.clear();
+  }
+
+  /** Forgets a cached clean copy (after a writer committed or freed the table). */
+  uncacheL2(offset: number): void {
+    this.l2Cache.delete(offset);
+  }
+
   private loadL2(offset: number): Uint8Array {
-    let t = this.l2Cache.get(offset);
+    let t = this.dirtyL2.get(offset) ?? this.l2Cache.get(offset);
     if (t) return t;
     if (offset + this.clusterSize > this.fileSize) {
       throw new QimgError('CORRUPT', `L2 table at ${hex(offset)} lies past the end of the file`);

@@ -1,0 +1,281 @@
+// In-memory refcounts over the on-disk refcount table and blocks, and the cluster allocator.
+//
+// Every block keeps two copies: `disk` (what the file holds) and `mem` (the target). The write
+// order lives in ImageWriter.commit(); this class offers its two refcount phases:
+//   writeIncreases(): per entry max(disk, mem) — refcounts only go up, before anything new
+//                     points at a cluster;
+//   writeFinal():     mem as is — decreases land only after no on-disk table references
+//                     the freed clusters.
+// Clusters freed since the last commit are not handed out again before it: until the new
+// tables are on disk, the old ones still point at them.
+
+import { QimgError, hex } from '../errors.js';
+import { entryOffset } from '../format/entries.js';
+import { setU64, u32 } from '../format/bytes.js';
+import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refblock.js';
+import { MAX_REFTABLE_BYTES } from '../format/layout.js';
+import { readAt, type BlockFile } from '../io/file.js';
+
+interface Block {
+  offset: number;
+  disk: Uint8Array;
+  mem: Uint8Array;
+  dirty: boolean;
+  /** Not yet referenced from the on-disk reftable: written whole in the increase phase. */
+  fresh: boolean;
+}
+
+export interface ReftableLocation {
+  offset: number;
+  clusters: number;
+}
+
+export class Refcounts {
+  readonly clusterSize: number;
+  readonly perBlock: number;
+  readonly maxValue: number;
+  reftable: Uint8Array;
+  location: ReftableLocation;
+  private blocks = new Map<number, Block>();
+  private dirtyEntries = new Set<number>();
+  /** Set when the reftable moved: the header must point at `location` after it is written. */
+  relocatedFrom: ReftableLocation | null = null;
+  private freed = new Set<number>();
+  private freeHint = 0;
+  /** First cluster index past the file and everything allocated. */
+  endCluster: number;
+
+  constructor(
+    private readonly file: BlockFile,
+    readonly clusterBits: number,
+    readonly refcountOrder: number,
+    reftableOffset: number,
+    reftableClusters: number,
+  ) {
+    this.clusterSize = 2 ** clusterBits;
+    this.perBlock = refblockEntries(clusterBits, refcountOrder);
+    this.maxValue = maxRefcount(refcountOrder);
+    this.location = { offset: reftableOffset, clusters: reftableClusters };
+    this.reftable = new Uint8Array(reftableClusters * this.clusterSize);
+    readAt(file, this.reftable, reftableOffset);
+    this.endCluster = Math.ceil(file.size() / this.clusterSize);
+  }
+
+  private get tableEntries(): number {
+    return this.reftable.length / 8;
+  }
+
+  private blockOffset(t: number): number {
+    if (t >= this.tableEntries) return 0;
+    const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+    if (off % this.clusterSize !== 0) throw new QimgError('CORRUPT', `Refcount table: entry ${t} has unaligned refcount block offset ${hex(off)}`);
+    return off;
+  }
+
+  private block(t: number): Block | null {
+    let b = this.blocks.get(t);
+    if (b) return b;
+    const off = this.blockOffset(t);
+    if (off === 0) return null;
+    const disk = new Uint8Array(this.clusterSize);
+    readAt(this.file, disk, off);
+    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false };
+    this.blocks.set(t, b);
+    return b;
+  }
+
+  get(ci: number): number {
+    const b = this.block(Math.floor(ci / this.perBlock));
+    return b ? getRefcount(b.mem, ci % this.perBlock, this.refcountOrder) : 0;
+  }
+
+  /** Adds `delta` to cluster `ci`'s refcount; a cluster reaching 0 is held back until commit. */
+  add(ci: number, delta: number): void {
+    const t = Math.floor(ci / this.perBlock);
+    const b = this.block(t);
+    if (!b) throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} has no refcount block`);
+    const i = ci % this.perBlock;
+    const v = getRefcount(b.mem, i, this.refcountOrder) + delta;
+    if (v < 0) throw new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
+    if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+    setRefcount(b.mem, i, this.refcountOrder, v);
+    b.dirty = true;
+    if (v === 0) this.freed.add(ci);
+    else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
+  }
+
+  /** Frees host bytes [offset, offset+bytes): -1 on every cluster they touch. */
+  freeBytes(offset: number, bytes: number): void {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + bytes - 1) / this.clusterSize);
+    for (let ci = first; ci <= last; ci++) this.add(ci, -1);
+  }
+
+  private isFree(ci: number): boolean {
+    return !this.freed.has(ci) && this.get(ci) === 0;
+  }
+
+  /**
+   * Allocates `n` contiguous clusters (refcount 1) and returns the byte offset of the first.
+   * Refcount blocks missing on the way are created first, so they never collide with the run.
+   */
+  alloc(n: number): number {
+    let ci = this.freeHint;
+    for (;;) {
+      const t = Math.floor(ci / this.perBlock);
+      if (!this.block(t)) {
+        this.createBlock(t);
+        continue;
+      }
+      let run = 0;
+      while (run < n && this.isFree(ci + run)) {
+        const tt = Math.floor((ci + run) / this.perBlock);
+        if (!this.block(tt)) this.createBlock(tt);
+        if (!this.isFree(ci + run)) break;
+        run++;
+      }
+      if (run === n) {
+        for (let k = 0; k < n; k++) this.add(ci + k, 1);
+        if (n === 1 || ci === this.freeHint) this.freeHint = ci + n;
+        return ci * this.clusterSize;
+      }
+      ci += run + 1;
+    }
+  }
+
+  /** Allocates exactly clusters [ci, ci+n) if all are free and their blocks exist; else false. */
+  tryAllocAt(ci: number, n: number): boolean {
+    for (let k = 0; k < n; k++) {
+      if (!this.block(Math.floor((ci + k) / this.perBlock)) || !this.isFree(ci + k)) return false;
+    }
+    for (let k = 0; k < n; k++) this.add(ci + k, 1);
+    return true;
+  }
+
+  /** A new refcount block for range `t`, placed in its own range so it describes itself. */
+  private createBlock(t: number): void {
+    if (t >= this.tableEntries) this.growTable(t);
+    if (this.blocks.has(t) || this.blockOffset(t) !== 0) return; // growTable placed it
+    const ci = t * this.perBlock; // the range has no block, so every cluster in it is free
+    this.installBlock(t, ci);
+    this.add(ci, 1);
+  }
+
+  private installBlock(t: number, ci: number): void {
+    const mem = new Uint8Array(this.clusterSize);
+    this.blocks.set(t, { offset: ci * this.clusterSize, disk: new Uint8Array(this.clusterSize), mem, dirty: true, fresh: true });
+    this.setTableEntry(t, ci * this.clusterSize);
+    if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
+  }
+
+  private setTableEntry(t: number, offset: number): void {
+    setU64(this.reftable, t * 8, offset);
+    this.dirtyEntries.add(t);
+  }
+
+  /**
+   * Moves the reftable to the end of the file with room for entry `needed`, together with the
+   * refcount blocks that the new table's own clusters need.
+   */
+  private growTable(needed: number): void {
+    const cs = this.clusterSize;
+    let entries = Math.max(needed + 1, Math.ceil(this.tableEntries * 1.5));
+    for (;;) {
+      const tableClusters = Math.ceil((entries * 8) / cs);
+      if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new QimgError('UNSUPPORTED', 'Reference count table would exceed 8 MiB');
+      let start = this.endCluster;
+      // Blocks for the area [start, start + tableClusters + nBlocks) that do not exist yet.
+      let missing: number[] = [];
+      for (let guard = 0; guard < 64; guard++) {
+        const end = start + tableClusters + missing.length;
+        const next: number[] = [];
+        for (let t = Math.floor(start / this.perBlock); t <= Math.floor((end - 1) / this.perBlock); t++) {
+          if (!this.block(t)) next.push(t);
+        }
+        if (next.length === missing.length) break;
+        missing = next;
+      }
+      if (missing.some((t) => t >= entries) || needed >= entries) {
+        entries = Math.max(entries * 2, ...missing.map((t) => t + 1));
+        continue;
+      }
+      const old = this.location;
+      const table = new Uint8Array(tableClusters * cs);
+      table.set(this.reftable);
+      this.reftable = table;
+      this.location = { offset: start * cs, clusters: tableClusters };
+      this.relocatedFrom ??= old;
+      this.endCluster = Math.max(this.endCluster, start + tableClusters);
+      missing.forEach((t, i) => this.installBlock(t, start + tableClusters + i));
+      for (let ci = start; ci < start + tableClusters + missing.length; ci++) this.add(ci, 1);
+      // The whole new table is written; entries need no separate tracking.
+      this.dirtyEntries.clear();
+      return;
+    }
+  }
+
+  /** Phase 1: refcounts only go up (max of disk and target), new blocks written whole. */
+  writeIncreases(): void {
+    for (const b of this.blocks.values()) {
+      if (!b.dirty) continue;
+      if (b.fresh) {
+        this.file.write(b.mem, b.offset);
+        b.disk.set(b.mem);
+        b.fresh = false;
+        continue;
+      }
+      let changed = false;
+      for (let i = 0; i < this.perBlock; i++) {
+        const d = getRefcount(b.disk, i, this.refcountOrder);
+        const m = getRefcount(b.mem, i, this.refcountOrder);
+        if (m > d) {
+          setRefcount(b.disk, i, this.refcountOrder, m);
+          changed = true;
+        }
+      }
+      if (changed) this.file.write(b.disk, b.offset);
+    }
+  }
+
+  /** Phase 1b: reftable entries for new blocks (children are on disk), or the whole moved table. */
+  writeTable(): void {
+    if (this.relocatedFrom) {
+      this.file.write(this.reftable, this.location.offset);
+      return;
+    }
+    for (const t of this.dirtyEntries) this.file.write(this.reftable.subarray(t * 8, t * 8 + 8), this.location.offset + t * 8);
+    this.dirtyEntries.clear();
+  }
+
+  /** After the header points at a moved table: the old table's clusters can be released. */
+  releaseOldTable(): void {
+    const old = this.relocatedFrom;
+    if (!old) return;
+    this.relocatedFrom = null;
+    this.freeBytes(old.offset, old.clusters * this.clusterSize);
+  }
+
+  /** Phase 3: decreases, once nothing on disk points at freed clusters. */
+  writeFinal(): void {
+    for (const b of this.blocks.values()) {
+      if (!b.dirty) continue;
+      if (!equalBytes(b.disk, b.mem)) {
+        this.file.write(b.mem, b.offset);
+        b.disk.set(b.mem);
+      }
+      b.dirty = false;
+    }
+    for (const ci of this.freed) if (ci < this.freeHint) this.freeHint = ci;
+    this.freed.clear();
+  }
+
+  /** Everything written? (for tests and assertions) */
+  get pending(): boolean {
+    for (const b of this.blocks.values()) if (b.dirty) return true;
+    return this.dirtyEntries.size > 0 || this.relocatedFrom !== null;
+  }
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return Buffer.compare(a, b) === 0;
+}

@@ -1,0 +1,597 @@
+// Changing a qcow2 image: guest writes with copy-on-write, zero writes, discard, compressed
+// clusters, resize — and commit(), the ONE function that owns the on-disk write order.
+
+import { deflateRawSync } from 'node:zlib';
+import { QimgError, hex } from '../errors.js';
+import { setU32, setU64, u32 } from '../format/bytes.js';
+import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
+import { encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
+import * as L from '../format/layout.js';
+import type { BlockFile } from '../io/file.js';
+import { Qcow2Image } from './qcow2-image.js';
+import { Refcounts } from './refcounts.js';
+
+/** Commit on our own once this many L2 tables are dirty, so memory stays bounded. */
+const MAX_DIRTY_L2 = 512;
+
+/** Header byte ranges a writer may change, each written in one write (one sector: atomic). */
+const HDR_SIZE: [number, number] = [L.H_SIZE, L.H_SIZE + 8];
+const HDR_L1: [number, number] = [L.H_L1_SIZE, L.H_L1_TABLE_OFFSET + 8];
+const HDR_REFTABLE: [number, number] = [L.H_REFCOUNT_TABLE_OFFSET, L.H_REFCOUNT_TABLE_CLUSTERS + 4];
+export const HDR_SNAPSHOTS: [number, number] = [L.H_NB_SNAPSHOTS, L.H_SNAPSHOTS_OFFSET + 8];
+const HDR_FEATURES: [number, number] = [L.H_INCOMPATIBLE_FEATURES, L.H_AUTOCLEAR_FEATURES + 8];
+
+export type Compressor = (data: Uint8Array) => Uint8Array;
+
+export class ImageWriter {
+  readonly refs: Refcounts;
+  readonly header: Header;
+  readonly clusterSize: number;
+  private dirtyL1 = new Set<number>();
+  private oldL1: { offset: number; size: number } | null = null;
+  private dirtyHeader: Array<[number, number]> = [];
+  private failed: unknown = null;
+  /** Byte cursor inside a cluster being filled with compressed data. */
+  private compCursor: number | null = null;
+
+  constructor(readonly img: Qcow2Image) {
+    const h = img.header;
+    if (!img.file.writable) throw new QimgError('READ_ONLY', `'${img.filename}' is open read-only`);
+    if (hasIncompat(h, L.INCOMPAT_CORRUPT)) {
+      throw new QimgError('READ_ONLY', `Could not open '${img.filename}': qcow2: Image is corrupt; cannot be opened read/write`);
+    }
+    if (hasIncompat(h, L.INCOMPAT_DIRTY)) {
+      throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': the image was not cleanly shut down (dirty bit); qimg cannot repair it yet — run 'qemu-img check -r all' first`);
+    }
+    if (h.cryptMethod !== L.CRYPT_NONE) throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing encrypted images is not supported`);
+    if (hasIncompat(h, L.INCOMPAT_DATA_FILE)) {
+      throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing images with an external data file is not supported yet`);
+    }
+    this.header = h;
+    this.clusterSize = img.clusterSize;
+    this.refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
+    // Unknown autoclear bits must be cleared before the first write (spec).
+    const known = (1n << BigInt(L.AUTOCLEAR_BITMAPS)) | (1n << BigInt(L.AUTOCLEAR_DATA_FILE_RAW));
+    if ((h.autoclearFeatures & ~known) !== 0n) {
+      h.autoclearFeatures &= known;
+      this.dirtyHeader.push(HDR_FEATURES);
+    }
+  }
+
+  get file(): BlockFile {
+    return this.img.file;
+  }
+
+  private guard(): void {
+    if (this.failed) throw new QimgError('IO', `'${this.img.filename}': an earlier write failed; the image was left crash-consistent and must be reopened`);
+  }
+
+  // ---------------------------------------------------------------- guest writes
+
+  /** Writes guest bytes; nothing reaches the tables on disk before commit(). */
+  write(data: Uint8Array, offset: number): void {
+    this.guard();
+    this.checkRange(offset, data.length);
+    const cs = this.clusterSize;
+    let done = 0;
+    while (done < data.length) {
+      const pos = offset + done;
+      const gc = Math.floor(pos / cs);
+      const inCluster = pos - gc * cs;
+      const n = Math.min(cs - inCluster, data.length - done);
+      this.writeCluster(gc, inCluster, data.subarray(done, done + n));
+      done += n;
+      this.maybeCommit();
+    }
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (offset < 0 || length < 0 || offset + length > this.img.virtualSize) {
+      throw new QimgError('USAGE', `write of ${length} bytes at ${hex(offset)} lies outside the image (${this.img.virtualSize} bytes)`);
+    }
+  }
+
+  private maybeCommit(): void {
+    if (this.img.dirtyL2.size >= MAX_DIRTY_L2) this.commit();
+  }
+
+  private noteWrite(end: number): void {
+    if (end > this.img.fileSize) this.img.fileSize = end;
+  }
+
+  private hostWrite(buf: Uint8Array, pos: number): void {
+    this.file.write(buf, pos);
+    this.noteWrite(pos + buf.length);
+  }
+
+  /** The entry slot for guest cluster `gc` in a table only the active L1 references. */
+  private l2ForWrite(gc: number): { table: Uint8Array; index: number } {
+    const img = this.img;
+    const cs = this.clusterSize;
+    const l1Index = Math.floor(gc / img.l2Entries);
+    if (l1Index * 8 >= img.l1.length) throw new QimgError('USAGE', `guest cluster ${gc} lies beyond the L1 table`);
+    const off = entryOffset(u32(img.l1, l1Index * 8), u32(img.l1, l1Index * 8 + 4));
+    const index = gc % img.l2Entries;
+    if (off === 0) {
+      const fresh = this.refs.alloc(1);
+      const table = new Uint8Array(cs);
+      img.dirtyL2.set(fresh, table);
+      this.setL1(l1Index, fresh);
+      return { table, index };
+    }
+    const table = img.l2Table(off);
+    if (this.refs.get(off / cs) === 1) {
+      img.dirtyL2.set(off, table);
+      return { table, index };
+    }
+    // Shared with a snapshot: the active tree gets its own copy. Data refcounts already count
+    // every L1 that reaches a cluster, so only the table's own refcount moves.
+    const copy = table.slice();
+    const fresh = this.refs.alloc(1);
+    img.dirtyL2.set(fresh, copy);
+    this.setL1(l1Index, fresh);
+    this.refs.add(off / cs, -1);
+    return { table: copy, index };
+  }
+
+  private setL1(index: number, l2Offset: number): void {
+    const [hi, lo] = encodeOffset(l2Offset, l2Offset !== 0);
+    setU32(this.img.l1, index * 8, hi);
+    setU32(this.img.l1, index * 8 + 4, lo);
+    this.dirtyL1.add(index);
+  }
+
+  private entryWidth(): number {
+    return this.img.extendedL2 ? 16 : 8;
+  }
+
+  private setEntry(table: Uint8Array, index: number, hi: number, lo: number): void {
+    const w = this.entryWidth();
+    setU32(table, index * w, hi);
+    setU32(table, index * w + 4, lo);
+  }
+
+  /** Drops the active tree's reference held by an L2 entry (data or compressed clusters). */
+  private releaseEntry(hi: number, lo: number): void {
+    const kind = classifyL2(hi, lo, this.img.zeroFlag);
+    switch (kind) {
+      case ClusterKind.Normal:
+      case ClusterKind.ZeroAlloc:
+        this.refs.add(entryOffset(hi, lo) / this.clusterSize, -1);
+        return;
+      case ClusterKind.Compressed: {
+        const off = compressedOffset(hi, lo, this.img.clusterBits);
+        this.refs.freeBytes(off - (off % L.COMPRESSED_SECTOR_SIZE), compressedByteLength(hi, lo, this.img.clusterBits) + (off % L.COMPRESSED_SECTOR_SIZE));
+        this.dropCompressedCache(off);
+        return;
+      }
+      case ClusterKind.Unallocated:
+        if (this.img.extendedL2 && entryOffset(hi, lo) !== 0) this.refs.add(entryOffset(hi, lo) / this.clusterSize, -1);
+        return;
+      case ClusterKind.ZeroPlain:
+        return;
+    }
+  }
+
+  private dropCompressedCache(off: number): void {
+    if (this.img.lastCompressed?.offset === off) this.img.lastCompressed = null;
+  }
+
+  /** Current guest content of cluster `gc` (backing, zeros, compressed or data), read before any change. */
+  private guestCluster(gc: number): Uint8Array {
+    const buf = new Uint8Array(this.clusterSize);
+    this.img.read(buf, gc * this.clusterSize);
+    return buf;
+  }
+
+  private writeCluster(gc: number, inCluster: number, data: Uint8Array): void {
+    if (this.img.extendedL2) return this.writeSubclusters(gc, inCluster, data);
+    const cs = this.clusterSize;
+    // Read the old guest content first: the partial-write fill must see the state before this write.
+    const whole = data.length === cs;
+    const { table, index } = this.l2ForWrite(gc);
+    const hi = u32(table, index * 8);
+    const lo = u32(table, index * 8 + 4);
+    const kind = classifyL2(hi, lo, this.img.zeroFlag);
+    const host = entryOffset(hi, lo);
+    if ((kind === ClusterKind.Normal || kind === ClusterKind.ZeroAlloc) && this.refs.get(host / cs) === 1) {
+      if (kind === ClusterKind.Normal) {
+        this.hostWrite(data, host + inCluster);
+      } else {
+        const full = new Uint8Array(cs);
+        full.set(data, inCluster);
+        this.hostWrite(full, host);
+        const [h2, l2] = encodeOffset(host, true);
+        this.setEntry(table, index, h2, l2);
+      }
+      return;
+    }
+    let full: Uint8Array;
+    if (whole) full = data;
+    else {
+      full = this.guestCluster(gc);
+      full.set(data, inCluster);
+    }
+    const fresh = this.refs.alloc(1);
+    this.hostWrite(full, fresh); // data lands before any table points at it
+    const [h2, l2] = encodeOffset(fresh, true);
+    this.setEntry(table, index, h2, l2);
+    this.releaseEntry(hi, lo);
+  }
+
+  /** Extended L2: only the touched subclusters are allocated; the rest keep their state. */
+  private writeSubclusters(gc: number, inCluster: number, data: Uint8Array): void {
+    const cs = this.clusterSize;
+    const scs = this.img.subclusterSize;
+    const guestBase = gc * cs;
+    // Fill data for partially covered, not yet allocated subclusters comes from the old state.
+    const first = Math.floor(inCluster / scs);
+    const last = Math.floor((inCluster + data.length - 1) / scs);
+    const old = this.guestCluster(gc);
+    const { table, index } = this.l2ForWrite(gc);
+    const hi = u32(table, index * 16);
+    const lo = u32(table, index * 16 + 4);
+    let zeroBits = u32(table, index * 16 + 8);
+    let allocBits = u32(table, index * 16 + 12);
+    let host = (hi & L.OFLAG_COMPRESSED_HI) ? 0 : entryOffset(hi, lo);
+    let target: number;
+    if (hi & L.OFLAG_COMPRESSED_HI) {
+      // A compressed cluster has no subclusters: it becomes a normal cluster holding all of it.
+      target = this.refs.alloc(1);
+      this.hostWrite(old, target);
+      this.releaseEntry(hi, lo);
+      allocBits = 0xffffffff;
+      zeroBits = 0;
+    } else if (host !== 0 && this.refs.get(host / cs) === 1) {
+      target = host;
+    } else {
+      target = this.refs.alloc(1);
+      if (host !== 0) {
+        // Shared: copy the allocated subclusters' host bytes, then drop our reference.
+        const bytes = new Uint8Array(cs);
+        this.file.read(bytes, host);
+        this.hostWrite(bytes, target);
+        this.refs.add(host / cs, -1);
+      }
+    }
+    host = target;
+    for (let sc = first; sc <= last; sc++) {
+      const scStart = sc * scs;
+      const from = Math.max(inCluster, scStart);
+      const to = Math.min(inCluster + data.length, scStart + scs);
+      const bit = 1 << sc;
+      if (allocBits & bit) {
+        this.hostWrite(data.subarray(from - inCluster, to - inCluster), host + from);
+      } else {
+        const sub = old.slice(scStart, scStart + scs);
+        sub.set(data.subarray(from - inCluster, to - inCluster), from - scStart);
+        this.hostWrite(sub, host + scStart);
+      }
+      allocBits = (allocBits | bit) >>> 0;
+      zeroBits = (zeroBits & ~bit) >>> 0;
+    }
+    void guestBase;
+    const [h2, l2] = encodeOffset(host, true);
+    this.setEntry(table, index, h2, l2);
+    setU32(table, index * 16 + 8, zeroBits);
+    setU32(table, index * 16 + 12, allocBits);
+  }
+
+  /**
+   * Makes guest bytes read as zero. Whole clusters become zero entries (v3) or are released
+   * (v2 without a backing file); partial clusters are written with zeros. `unmap` releases the
+   * host cluster instead of keeping it preallocated.
+   */
+  writeZeroes(offset: number, length: number, unmap = false): void {
+    this.guard();
+    this.checkRange(offset, length);
+    const cs = this.clusterSize;
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const gc = Math.floor(pos / cs);
+      const inCluster = pos - gc * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const wholeCluster = n === cs || (inCluster === 0 && gc * cs + n >= this.img.virtualSize);
+      if (!wholeCluster || !this.zeroWholeCluster(gc, unmap)) {
+        if (!this.readsZero(pos, n)) this.writeCluster(gc, inCluster, new Uint8Array(n));
+      }
+      pos += n;
+      this.maybeCommit();
+    }
+  }
+
+  private readsZero(pos: number, n: number): boolean {
+    const ext = this.img.extent(pos, n);
+    return ext.kind === 'zero' && ext.length >= n;
+  }
+
+  /** Returns false when the format cannot express a zero cluster here (caller writes zeros). */
+  private zeroWholeCluster(gc: number, unmap: boolean): boolean {
+    const img = this.img;
+    if (img.extendedL2) {
+      const { table, index } = this.l2ForWrite(gc);
+      const hi = u32(table, index * 16);
+      const lo = u32(table, index * 16 + 4);
+      const host = (hi & L.OFLAG_COMPRESSED_HI) ? 0 : entryOffset(hi, lo);
+      if (hi & L.OFLAG_COMPRESSED_HI || (unmap && host !== 0)) {
+        this.releaseEntry(hi, lo);
+        this.setEntry(table, index, 0, 0);
+      }
+      setU32(table, index * 16 + 8, 0xffffffff);
+      setU32(table, index * 16 + 12, 0);
+      return true;
+    }
+    if (!img.zeroFlag) {
+      // v2 has no zero flag: releasing works only when nothing shows through from a backing file.
+      if (img.backing) return false;
+      const { table, index } = this.l2ForWrite(gc);
+      this.releaseEntry(u32(table, index * 8), u32(table, index * 8 + 4));
+      this.setEntry(table, index, 0, 0);
+      return true;
+    }
+    const { table, index } = this.l2ForWrite(gc);
+    const hi = u32(table, index * 8);
+    const lo = u32(table, index * 8 + 4);
+    const kind = classifyL2(hi, lo, true);
+    const host = entryOffset(hi, lo);
+    if (!unmap && (kind === ClusterKind.Normal || kind === ClusterKind.ZeroAlloc) && this.refs.get(host / this.clusterSize) === 1) {
+      const [h2, l2] = encodeOffset(host, true, true);
+      this.setEntry(table, index, h2, l2);
+      return true;
+    }
+    this.releaseEntry(hi, lo);
+    this.setEntry(table, index, 0, L.OFLAG_ZERO_LO);
+    return true;
+  }
+
+  /** Discards whole clusters in the range (partial ones are left alone, as QEMU does). */
+  discard(offset: number, length: number): void {
+    this.guard();
+    this.checkRange(offset, length);
+    const cs = this.clusterSize;
+    const first = Math.ceil(offset / cs);
+    const endGc = Math.floor((offset + length) / cs) + (offset + length === this.img.virtualSize ? 1 : 0);
+    for (let gc = first; gc < endGc && gc * cs < this.img.virtualSize; gc++) {
+      const img = this.img;
+      const l1Index = Math.floor(gc / img.l2Entries);
+      const l2Off = l1Index * 8 < img.l1.length ? entryOffset(u32(img.l1, l1Index * 8), u32(img.l1, l1Index * 8 + 4)) : 0;
+      if (l2Off === 0 && !img.backing) continue;
+      if (img.zeroFlag || img.extendedL2) {
+        // v3: a discarded cluster must read as zero, not as the backing file's data.
+        if (img.backing || img.extendedL2) this.zeroWholeCluster(gc, true);
+        else {
+          const { table, index } = this.l2ForWrite(gc);
+          this.releaseEntry(u32(table, index * 8), u32(table, index * 8 + 4));
+          this.setEntry(table, index, 0, 0);
+        }
+      } else {
+        const { table, index } = this.l2ForWrite(gc);
+        this.releaseEntry(u32(table, index * 8), u32(table, index * 8 + 4));
+        this.setEntry(table, index, 0, 0);
+      }
+      this.maybeCommit();
+    }
+  }
+
+  /**
+   * Writes one whole guest cluster compressed (falls back to a normal write when it does not
+   * shrink). Compressed clusters are packed byte after byte; every host cluster a compressed
+   * cluster touches holds one reference for it.
+   */
+  writeCompressed(gc: number, data: Uint8Array, compress: Compressor = deflateCompressor): void {
+    this.guard();
+    const cs = this.clusterSize;
+    if (data.length !== cs) throw new QimgError('USAGE', 'compressed writes take exactly one cluster');
+    this.checkRange(gc * cs, Math.min(cs, this.img.virtualSize - gc * cs));
+    const packed = compress(data);
+    if (packed.length >= cs) return this.write(data.subarray(0, Math.min(cs, this.img.virtualSize - gc * cs)), gc * cs);
+    const { table, index } = this.l2ForWrite(gc);
+    const w = this.entryWidth();
+    const hi = u32(table, index * w);
+    const lo = u32(table, index * w + 4);
+    const off = this.allocBytes(packed.length);
+    this.hostWrite(packed, off);
+    const sectors = Math.floor((off + packed.length - 1) / 512) - Math.floor(off / 512) + 1;
+    const [h2, l2] = encodeCompressed(off, sectors, this.img.clusterBits);
+    this.releaseEntry(hi, lo);
+    this.setEntry(table, index, h2, l2);
+    if (this.img.extendedL2) {
+      setU32(table, index * 16 + 8, 0);
+      setU32(table, index * 16 + 12, 0);
+    }
+    this.maybeCommit();
+  }
+
+  private allocBytes(len: number): number {
+    const cs = this.clusterSize;
+    const cur = this.compCursor;
+    if (cur !== null && cur % cs !== 0) {
+      const ci = Math.floor(cur / cs);
+      const remain = cs - (cur % cs);
+      // A cluster whose refcount is at the width's maximum cannot take another user.
+      const rc = this.refs.get(ci);
+      if (rc > 0 && rc < this.refs.maxValue) {
+        if (len <= remain) {
+          this.refs.add(ci, 1);
+          this.compCursor = cur + len;
+          return cur;
+        }
+        const extra = Math.ceil((len - remain) / cs);
+        if (this.refs.tryAllocAt(ci + 1, extra)) {
+          this.refs.add(ci, 1);
+          this.compCursor = cur + len;
+          return cur;
+        }
+      }
+    }
+    const start = this.refs.alloc(Math.ceil(len / cs));
+    this.compCursor = start + len;
+    return start;
+  }
+
+  // ---------------------------------------------------------------- resize
+
+  /** Grows or shrinks the virtual size. Shrinking frees every cluster past the new end. */
+  resize(newSize: number): void {
+    this.guard();
+    const img = this.img;
+    const cs = this.clusterSize;
+    if (newSize < img.virtualSize) {
+      const keepClusters = Math.ceil(newSize / cs);
+      const keepL1 = l1EntriesFor(newSize, img.clusterBits, img.extendedL2);
+      const oldClusters = Math.min(Math.ceil(img.virtualSize / cs), keepL1 * img.l2Entries);
+      // A partially kept last cluster keeps its data; guests never see past the size.
+      for (let gc = keepClusters; gc < oldClusters; gc++) {
+        const l1Index = Math.floor(gc / img.l2Entries);
+        const l2Off = entryOffset(u32(img.l1, l1Index * 8), u32(img.l1, l1Index * 8 + 4));
+        if (l2Off === 0) {
+          gc = (l1Index + 1) * img.l2Entries - 1;
+          continue;
+        }
+        const { table, index } = this.l2ForWrite(gc);
+        const w = this.entryWidth();
+        this.releaseEntry(u32(table, index * w), u32(table, index * w + 4));
+        table.fill(0, index * w, index * w + w);
+      }
+      // L2 tables wholly past the end go too (their clusters with them).
+      for (let i = keepL1; i * 8 < img.l1.length; i++) {
+        const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+        if (off === 0) continue;
+        img.dirtyL2.delete(off);
+        img.uncacheL2(off);
+        this.refs.add(off / cs, -1);
+        this.setL1Zero(i);
+      }
+    } else {
+      const need = l1EntriesFor(newSize, img.clusterBits, img.extendedL2);
+      if (need * 8 > img.l1.length) this.growL1(need);
+    }
+    img.virtualSize = newSize;
+    this.header.size = newSize;
+    this.dirtyHeader.push(HDR_SIZE);
+  }
+
+  private setL1Zero(index: number): void {
+    setU32(this.img.l1, index * 8, 0);
+    setU32(this.img.l1, index * 8 + 4, 0);
+    this.dirtyL1.add(index);
+  }
+
+  /** A larger L1 table in new clusters; the header switches to it at commit, then the old one is freed. */
+  private growL1(entries: number): void {
+    if (entries > L.MAX_L1_ENTRIES) throw new QimgError('UNSUPPORTED', 'Active L1 table too large');
+    const img = this.img;
+    const cs = this.clusterSize;
+    const bytes = entries * 8;
+    const clusters = Math.ceil(bytes / cs);
+    const offset = this.refs.alloc(clusters);
+    const table = new Uint8Array(bytes);
+    table.set(img.l1);
+    this.oldL1 ??= { offset: this.header.l1TableOffset, size: this.header.l1Size };
+    img.l1 = table;
+    this.header.l1TableOffset = offset;
+    this.header.l1Size = entries;
+  }
+
+  // ---------------------------------------------------------------- commit: the write order
+
+  /**
+   * Puts every pending change on disk in the order that keeps the qcow2 crash invariant
+   * (on-disk refcounts never below the true number of references):
+   *   1. refcounts that go UP (and new refcount blocks), flush; then the refcount table entries
+   *      for new blocks (or a moved table and the header fields naming it), flush;
+   *   2. children before parents: L2 tables, flush; the L1 table (a new one, then the header
+   *      naming it), flush; other header fields, flush;
+   *   3. refcounts that go DOWN, flush — only now does nothing on disk point at freed clusters.
+   * Guest data was written to clusters nothing referenced yet (or in place), before step 1's flush.
+   * On a failed write the writer refuses further work: the file is crash-consistent, memory is not.
+   */
+  commit(): void {
+    this.guard();
+    const f = this.file;
+    try {
+      this.refs.writeIncreases();
+      f.flush();
+      this.refs.writeTable();
+      f.flush();
+      if (this.refs.relocatedFrom) {
+        this.header.refcountTableOffset = this.refs.location.offset;
+        this.header.refcountTableClusters = this.refs.location.clusters;
+        this.writeHeaderRange(HDR_REFTABLE);
+        f.flush();
+        this.refs.releaseOldTable();
+      }
+
+      for (const [off, table] of this.img.dirtyL2) this.hostWrite(table, off);
+      this.img.adoptDirtyL2();
+      f.flush();
+
+      if (this.oldL1) {
+        this.hostWrite(this.img.l1, this.header.l1TableOffset);
+        f.flush();
+        this.writeHeaderRange(HDR_L1);
+        f.flush();
+        const old = this.oldL1;
+        this.oldL1 = null;
+        if (old.size > 0) this.refs.freeBytes(old.offset, old.size * 8);
+      } else if (this.dirtyL1.size) {
+        for (const i of [...this.dirtyL1].sort((a, b) => a - b)) {
+          f.write(this.img.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8);
+        }
+        f.flush();
+      }
+      this.dirtyL1.clear();
+      if (this.dirtyHeader.length) {
+        for (const r of this.dirtyHeader) this.writeHeaderRange(r);
+        this.dirtyHeader = [];
+        f.flush();
+      }
+
+      this.refs.writeFinal();
+      f.flush();
+    } catch (err) {
+      this.failed = err;
+      throw err;
+    }
+  }
+
+  /** Writes header bytes [from, to) from the in-memory header in one write. */
+  writeHeaderRange([from, to]: [number, number]): void {
+    const bytes = encodeHeader(this.header);
+    this.file.write(bytes.subarray(from, to), from);
+  }
+
+  /** Marks a header range to be written at the next commit (after tables, before decreases). */
+  touchHeader(range: [number, number]): void {
+    this.dirtyHeader.push(range);
+  }
+
+  async close(): Promise<void> {
+    if (!this.failed) this.commit();
+    await this.img.close();
+  }
+}
+
+/** QEMU's "zlib" type: raw deflate, no zlib header. */
+export function deflateCompressor(data: Uint8Array): Uint8Array {
+  return deflateRawSync(data);
+}
+
+export { setU64 };
+
+/** Opens a qcow2 image for writing (write lock; backing chain read-only under `backing`). */
+export async function openWriter(path: string, opts: { backing?: import('./open.js').BackingPolicy } = {}): Promise<ImageWriter> {
+  const { openImage } = await import('./open.js');
+  const img = await openImage(path, { writable: true, format: 'qcow2', backing: opts.backing ?? { follow: 'any' } });
+  if (!(img instanceof Qcow2Image)) {
+    await img.close();
+    throw new QimgError('USAGE', `'${path}' is not a qcow2 image`);
+  }
+  try {
+    return new ImageWriter(img);
+  } catch (err) {
+    await img.close();
+    throw err;
+  }
+}
