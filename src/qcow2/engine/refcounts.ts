@@ -204,7 +204,10 @@ export class Refcounts {
       table.set(this.reftable);
       this.reftable = table;
       this.location = { offset: start * cs, clusters: tableClusters };
-      this.relocatedFrom ??= old;
+      if (this.relocatedFrom) {
+        // `old` is a table from this same transaction that nothing on disk names: drop it now.
+        this.freeBytes(old.offset, old.clusters * cs);
+      } else this.relocatedFrom = old;
       this.endCluster = Math.max(this.endCluster, start + tableClusters);
       missing.forEach((t, i) => this.installBlock(t, start + tableClusters + i));
       for (let ci = start; ci < start + tableClusters + missing.length; ci++) this.add(ci, 1);

@@ -458,6 +458,10 @@ export class ImageWriter {
       for (let i = keepL1; i * 8 < img.l1.length; i++) {
         const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
         if (off === 0) continue;
+        const table = img.l2Table(off);
+        // The active L1 stops reaching these clusters (shared table or not: refcounts count L1s).
+        const w = this.entryWidth();
+        for (let e = 0; e < img.l2Entries; e++) this.releaseEntry(u32(table, e * w), u32(table, e * w + 4));
         img.dirtyL2.delete(off);
         img.uncacheL2(off);
         this.refs.add(off / cs, -1);
