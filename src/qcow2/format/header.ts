@@ -224,15 +224,16 @@ function decodeKnownExtension(h: Header, type: number, data: Uint8Array): void {
  */
 export function unknownFeatureNames(h: Header, type: number, mask: bigint, known: bigint): string[] {
   const names: string[] = [];
-  let unnamed = 0n;
-  for (let bit = 0; bit < 64; bit++) {
-    const b = 1n << BigInt(bit);
-    if ((mask & b) === 0n || (known & b) !== 0n) continue;
-    const named = h.featureNames.find((f) => f.type === type && f.bit === bit);
-    if (named) names.push(named.name);
-    else unnamed |= b;
+  let left = mask & ~known;
+  // Named ones in the order of the image's table, as QEMU lists them.
+  for (const f of h.featureNames) {
+    const b = 1n << BigInt(f.bit & 63);
+    if (f.type === type && (left & b) !== 0n) {
+      names.push(f.name);
+      left &= ~b;
+    }
   }
-  if (unnamed) names.push(`Unknown incompatible feature: ${unnamed.toString(16)}`);
+  if (left) names.push(`Unknown incompatible feature: ${left.toString(16)}`);
   return names;
 }
 

@@ -51,7 +51,7 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, tableOffset:
     const nameSize = u16(buf, off + L.SN_NAME_SIZE);
     const extraSize = u32(buf, off + L.SN_EXTRA_DATA_SIZE);
     if (extraSize > L.MAX_SNAPSHOT_EXTRA_DATA) {
-      throw new QimgError('BAD_IMAGE', `Too much extra metadata in snapshot table entry ${i} (${extraSize} bytes)`);
+      throw new QimgError('BAD_IMAGE', `Too much extra metadata in snapshot table entry ${i}`);
     }
     const extraStart = off + L.SN_HEADER_BYTES;
     const idStart = extraStart + extraSize;
