@@ -36,11 +36,22 @@ export async function info(path: string, opts: InfoOptions = {}): Promise<ImageI
   }
 }
 
+export interface ListOptions extends ReadOptions {
+  /** Also compute, per snapshot, the bytes deleting it would free (reads its whole tree). */
+  freedBytes?: boolean;
+}
+
 /** `qemu-img snapshot -l`: the internal snapshots of a qcow2 image (none for raw). */
-export async function listSnapshots(path: string, opts: ReadOptions = {}): Promise<SnapshotInfo[]> {
+export async function listSnapshots(path: string, opts: ListOptions = {}): Promise<{ snaps: SnapshotInfo[]; freed: Map<string, number> | null }> {
   const img = await openImage(path, { format: opts.format, forceShare: opts.forceShare, openBacking: false });
   try {
-    return img instanceof Qcow2Image ? img.snapshots.map(snapshotInfo) : [];
+    if (!(img instanceof Qcow2Image)) return { snaps: [], freed: null };
+    let freed: Map<string, number> | null = null;
+    if (opts.freedBytes && img.snapshots.length) {
+      const { snapshotFreedBytes } = await import('./snapshots.js');
+      freed = snapshotFreedBytes(img);
+    }
+    return { snaps: img.snapshots.map(snapshotInfo), freed };
   } finally {
     await img.close();
   }

@@ -151,6 +151,12 @@ export class Qcow2Image implements Layer {
     return this.loadL2(offset);
   }
 
+  /** Forgets cached clean tables and decompressed data (after clusters were freed in bulk). */
+  dropCaches(): void {
+    this.l2Cache.clear();
+    this.lastCompressed = null;
+  }
+
   /** After a commit: the written tables become clean cache entries. */
   adoptDirtyL2(): void {
     for (const [off, t] of this.dirtyL2) {

@@ -23,7 +23,12 @@ interface Block {
   dirty: boolean;
   /** Not yet referenced from the on-disk reftable: written whole in the increase phase. */
   fresh: boolean;
+  /** Some entry went down since the last commit (else the increase phase writes `mem` as is). */
+  decreased: boolean;
 }
+
+/** Clean refcount blocks kept after a commit (64 KiB clusters: 64 MiB of cache). */
+const MAX_CACHED_BLOCKS = 1024;
 
 export interface ReftableLocation {
   offset: number;
@@ -79,7 +84,7 @@ export class Refcounts {
     if (off === 0) return null;
     const disk = new Uint8Array(this.clusterSize);
     readAt(this.file, disk, off);
-    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false };
+    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false, decreased: false };
     this.blocks.set(t, b);
     return b;
   }
@@ -100,6 +105,7 @@ export class Refcounts {
     if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
+    if (delta < 0) b.decreased = true;
     if (v === 0) this.freed.add(ci);
     else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
   }
@@ -163,7 +169,7 @@ export class Refcounts {
 
   private installBlock(t: number, ci: number): void {
     const mem = new Uint8Array(this.clusterSize);
-    this.blocks.set(t, { offset: ci * this.clusterSize, disk: new Uint8Array(this.clusterSize), mem, dirty: true, fresh: true });
+    this.blocks.set(t, { offset: ci * this.clusterSize, disk: new Uint8Array(this.clusterSize), mem, dirty: true, fresh: true, decreased: false });
     this.setTableEntry(t, ci * this.clusterSize);
     if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
   }
@@ -221,8 +227,8 @@ export class Refcounts {
   writeIncreases(): void {
     for (const b of this.blocks.values()) {
       if (!b.dirty) continue;
-      if (b.fresh) {
-        this.file.write(b.mem, b.offset);
+      if (b.fresh || !b.decreased) {
+        if (b.fresh || !equalBytes(b.disk, b.mem)) this.file.write(b.mem, b.offset);
         b.disk.set(b.mem);
         b.fresh = false;
         continue;
@@ -267,9 +273,85 @@ export class Refcounts {
         b.disk.set(b.mem);
       }
       b.dirty = false;
+      b.decreased = false;
     }
+    this.evictClean();
     for (const ci of this.freed) if (ci < this.freeHint) this.freeHint = ci;
     this.freed.clear();
+  }
+
+  /** Keeps memory bounded on huge images: clean blocks are re-read when needed again. */
+  private evictClean(): void {
+    if (this.blocks.size <= MAX_CACHED_BLOCKS) return;
+    for (const [t, b] of this.blocks) if (!b.dirty) this.blocks.delete(t);
+  }
+
+  /**
+   * Adds deltas[ci] to every cluster's refcount in one pass over the refcount blocks: each
+   * block is read and modified once. The streaming path for snapshot operations.
+   */
+  applyDeltas(deltas: Int32Array): void {
+    const per = this.perBlock;
+    const order = this.refcountOrder;
+    for (let t = 0; t * per < deltas.length; t++) {
+      const base = t * per;
+      const end = Math.min(deltas.length, base + per);
+      let any = false;
+      for (let ci = base; ci < end; ci++) {
+        if (deltas[ci] !== 0) {
+          any = true;
+          break;
+        }
+      }
+      if (!any) continue;
+      const b = this.block(t);
+      if (!b) throw new QimgError('CORRUPT', `cluster ${hex(base * this.clusterSize)} is referenced but has no refcount block`);
+      const mem = b.mem;
+      for (let ci = base; ci < end; ci++) {
+        const d = deltas[ci]!;
+        if (d === 0) continue;
+        const i = ci - base;
+        let v: number;
+        if (order === 4) {
+          v = ((mem[i * 2]! << 8) | mem[i * 2 + 1]!) + d;
+          if (v < 0 || v > 0xffff) this.rangeError(ci, v);
+          mem[i * 2] = v >>> 8;
+          mem[i * 2 + 1] = v & 0xff;
+        } else {
+          v = getRefcount(mem, i, order) + d;
+          if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
+          setRefcount(mem, i, order, v);
+        }
+        if (d < 0) {
+          b.decreased = true;
+          if (v === 0) this.freed.add(ci);
+        } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
+      }
+      b.dirty = true;
+    }
+  }
+
+  private rangeError(ci: number, v: number): never {
+    if (v < 0) throw new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
+    throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+  }
+
+  /** A reader for hot loops: caches the last block looked at. */
+  reader(): (ci: number) => number {
+    let lastT = -1;
+    let mem: Uint8Array | null = null;
+    const per = this.perBlock;
+    const order = this.refcountOrder;
+    return (ci: number) => {
+      const t = Math.floor(ci / per);
+      if (t !== lastT) {
+        lastT = t;
+        mem = this.block(t)?.mem ?? null;
+      }
+      if (!mem) return 0;
+      const i = ci - t * per;
+      return order === 4 ? (mem[i * 2]! << 8) | mem[i * 2 + 1]! : getRefcount(mem, i, order);
+    };
   }
 
   /** Everything written? (for tests and assertions) */

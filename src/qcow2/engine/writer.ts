@@ -10,6 +10,7 @@ import * as L from '../format/layout.js';
 import type { BlockFile } from '../io/file.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { Refcounts } from './refcounts.js';
+import { forEachL2 } from './tree.js';
 
 /** Commit on our own once this many L2 tables are dirty, so memory stays bounded. */
 const MAX_DIRTY_L2 = 512;
@@ -28,6 +29,8 @@ export class ImageWriter {
   readonly header: Header;
   readonly clusterSize: number;
   private dirtyL1 = new Set<number>();
+  /** The whole active L1 was replaced: written in one write at commit. */
+  private l1Replaced = false;
   private oldL1: { offset: number; size: number } | null = null;
   private dirtyHeader: Array<[number, number]> = [];
   private failed: unknown = null;
@@ -44,9 +47,6 @@ export class ImageWriter {
       throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': the image was not cleanly shut down (dirty bit); qimg cannot repair it yet — run 'qemu-img check -r all' first`);
     }
     if (h.cryptMethod !== L.CRYPT_NONE) throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing encrypted images is not supported`);
-    if (hasIncompat(h, L.INCOMPAT_DATA_FILE)) {
-      throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing images with an external data file is not supported yet`);
-    }
     this.header = h;
     this.clusterSize = img.clusterSize;
     this.refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
@@ -62,6 +62,14 @@ export class ImageWriter {
     return this.img.file;
   }
 
+  /** Guest data writes: refused for external data files (their clusters are not refcounted). */
+  private dataGuard(): void {
+    this.guard();
+    if (hasIncompat(this.header, L.INCOMPAT_DATA_FILE)) {
+      throw new QimgError('UNSUPPORTED', `'${this.img.filename}': writing guest data of an image with an external data file is not supported yet`);
+    }
+  }
+
   private guard(): void {
     if (this.failed) throw new QimgError('IO', `'${this.img.filename}': an earlier write failed; the image was left crash-consistent and must be reopened`);
   }
@@ -70,7 +78,7 @@ export class ImageWriter {
 
   /** Writes guest bytes; nothing reaches the tables on disk before commit(). */
   write(data: Uint8Array, offset: number): void {
-    this.guard();
+    this.dataGuard();
     this.checkRange(offset, data.length);
     const cs = this.clusterSize;
     let done = 0;
@@ -283,7 +291,7 @@ export class ImageWriter {
    * host cluster instead of keeping it preallocated.
    */
   writeZeroes(offset: number, length: number, unmap = false): void {
-    this.guard();
+    this.dataGuard();
     this.checkRange(offset, length);
     const cs = this.clusterSize;
     let pos = offset;
@@ -347,7 +355,7 @@ export class ImageWriter {
 
   /** Discards whole clusters in the range (partial ones are left alone, as QEMU does). */
   discard(offset: number, length: number): void {
-    this.guard();
+    this.dataGuard();
     this.checkRange(offset, length);
     const cs = this.clusterSize;
     const first = Math.ceil(offset / cs);
@@ -380,7 +388,7 @@ export class ImageWriter {
    * cluster touches holds one reference for it.
    */
   writeCompressed(gc: number, data: Uint8Array, compress: Compressor = deflateCompressor): void {
-    this.guard();
+    this.dataGuard();
     const cs = this.clusterSize;
     if (data.length !== cs) throw new QimgError('USAGE', 'compressed writes take exactly one cluster');
     this.checkRange(gc * cs, Math.min(cs, this.img.virtualSize - gc * cs));
@@ -434,7 +442,7 @@ export class ImageWriter {
 
   /** Grows or shrinks the virtual size. Shrinking frees every cluster past the new end. */
   resize(newSize: number): void {
-    this.guard();
+    this.dataGuard();
     const img = this.img;
     const cs = this.clusterSize;
     if (newSize < img.virtualSize) {
@@ -498,6 +506,127 @@ export class ImageWriter {
     this.header.l1Size = entries;
   }
 
+  // ---------------------------------------------------------------- tables for snapshot operations
+
+  /** Replaces the active L1 contents (padded/cut to its size); written in one write at commit. */
+  replaceL1(entries: Uint8Array): void {
+    this.guard();
+    const l1 = this.img.l1;
+    l1.fill(0);
+    l1.set(entries.subarray(0, l1.length));
+    this.l1Replaced = true;
+  }
+
+  /** Makes the active L1 at least `entries` long (a new table, switched to at commit). */
+  ensureL1(entries: number): void {
+    if (entries * 8 > this.img.l1.length) this.growL1(entries);
+  }
+
+  /** Sets the virtual size recorded in the header (no data is touched). */
+  setVirtualSize(size: number): void {
+    this.img.virtualSize = size;
+    this.header.size = size;
+    this.dirtyHeader.push(HDR_SIZE);
+  }
+
+  /**
+   * Writes a new snapshot table into fresh clusters and makes the header name it at commit;
+   * the old table's clusters are released after the header switched (QEMU's order).
+   */
+  replaceSnapshotTable(table: Uint8Array, count: number): void {
+    this.guard();
+    const cs = this.clusterSize;
+    const old = { offset: this.header.snapshotsOffset, bytes: this.img.snapshotTableBytes };
+    let offset = 0;
+    if (count > 0) {
+      offset = this.refs.alloc(Math.ceil(table.length / cs));
+      this.hostWrite(table, offset);
+    }
+    this.header.nbSnapshots = count;
+    this.header.snapshotsOffset = offset;
+    this.dirtyHeader.push(HDR_SNAPSHOTS);
+    if (old.offset !== 0 && old.bytes > 0) this.refs.freeBytes(old.offset, old.bytes);
+    this.img.snapshotTableBytes = table.length;
+  }
+
+  /**
+   * Sets OFLAG_COPIED in the active tree exactly where the refcount is 1, looking only at
+   * clusters whose refcount this operation changed (`deltas[c] !== 0`) and at every L1 entry.
+   */
+  recomputeCopied(deltas: Int32Array | null): void {
+    this.guard();
+    const img = this.img;
+    const cs = this.clusterSize;
+    const rc = this.refs.reader();
+    const ew = this.entryWidth();
+    const tables: number[] = [];
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const hi = u32(img.l1, i * 8);
+      const lo = u32(img.l1, i * 8 + 4);
+      const off = entryOffset(hi, lo);
+      if (off === 0) continue;
+      tables.push(off);
+      const want = rc(off / cs) === 1;
+      if (want !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
+        setU32(img.l1, i * 8, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
+        this.dirtyL1.add(i);
+      }
+    }
+    forEachL2(img, tables, (off, table) => {
+      let copy: Uint8Array | null = null;
+      for (let e = 0; e < table.length; e += ew) {
+        const hi = u32(table, e);
+        const lo = u32(table, e + 4);
+        if (hi & L.OFLAG_COMPRESSED_HI) continue;
+        const host = entryOffset(hi, lo);
+        if (host === 0) continue;
+        const ci = host / cs;
+        if (deltas && (ci >= deltas.length || deltas[ci] === 0)) continue;
+        const want = rc(ci) === 1;
+        if (want === ((hi & L.OFLAG_COPIED_HI) !== 0)) continue;
+        copy ??= img.dirtyL2.get(off) ?? table.slice();
+        setU32(copy, e, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
+      }
+      if (copy) {
+        img.dirtyL2.set(off, copy);
+        img.uncacheL2(off);
+        this.maybeCommit();
+      }
+    });
+  }
+
+  /** Clears OFLAG_COPIED in the whole active tree (before a snapshot shares it). */
+  clearCopied(): void {
+    this.guard();
+    const img = this.img;
+    const ew = this.entryWidth();
+    const tables: number[] = [];
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const hi = u32(img.l1, i * 8);
+      const off = entryOffset(hi, u32(img.l1, i * 8 + 4));
+      if (off === 0) continue;
+      tables.push(off);
+      if (hi & L.OFLAG_COPIED_HI) {
+        setU32(img.l1, i * 8, (hi & ~L.OFLAG_COPIED_HI) >>> 0);
+        this.dirtyL1.add(i);
+      }
+    }
+    forEachL2(img, tables, (off, table) => {
+      let copy: Uint8Array | null = null;
+      for (let e = 0; e < table.length; e += ew) {
+        if (table[e]! & 0x80) {
+          copy ??= img.dirtyL2.get(off) ?? table.slice();
+          copy[e] = copy[e]! & 0x7f;
+        }
+      }
+      if (copy) {
+        img.dirtyL2.set(off, copy);
+        img.uncacheL2(off);
+        this.maybeCommit(); // safe at any point: a clear flag only costs an extra copy
+      }
+    });
+  }
+
   // ---------------------------------------------------------------- commit: the write order
 
   /**
@@ -539,6 +668,9 @@ export class ImageWriter {
         const old = this.oldL1;
         this.oldL1 = null;
         if (old.size > 0) this.refs.freeBytes(old.offset, old.size * 8);
+      } else if (this.l1Replaced) {
+        f.write(this.img.l1, this.header.l1TableOffset);
+        f.flush();
       } else if (this.dirtyL1.size) {
         for (const i of [...this.dirtyL1].sort((a, b) => a - b)) {
           f.write(this.img.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8);
@@ -546,6 +678,7 @@ export class ImageWriter {
         f.flush();
       }
       this.dirtyL1.clear();
+      this.l1Replaced = false;
       if (this.dirtyHeader.length) {
         for (const r of this.dirtyHeader) this.writeHeaderRange(r);
         this.dirtyHeader = [];
@@ -575,6 +708,12 @@ export class ImageWriter {
     if (!this.failed) this.commit();
     await this.img.close();
   }
+
+  /** Closes without writing what is pending (after an error): the file is as the last commit left it. */
+  async abandon(): Promise<void> {
+    this.failed ??= new Error('abandoned');
+    await this.img.close();
+  }
 }
 
 /** QEMU's "zlib" type: raw deflate, no zlib header. */
@@ -584,13 +723,21 @@ export function deflateCompressor(data: Uint8Array): Uint8Array {
 
 export { setU64 };
 
+export interface OpenWriterOptions {
+  backing?: import('./open.js').BackingPolicy;
+  /** Snapshot operations never read the backing chain. */
+  openBacking?: boolean;
+  /** The message for a raw image (each command words it as qemu-img does). */
+  rawError?: string;
+}
+
 /** Opens a qcow2 image for writing (write lock; backing chain read-only under `backing`). */
-export async function openWriter(path: string, opts: { backing?: import('./open.js').BackingPolicy } = {}): Promise<ImageWriter> {
+export async function openWriter(path: string, opts: OpenWriterOptions = {}): Promise<ImageWriter> {
   const { openImage } = await import('./open.js');
-  const img = await openImage(path, { writable: true, format: 'qcow2', backing: opts.backing ?? { follow: 'any' } });
+  const img = await openImage(path, { writable: true, backing: opts.backing ?? { follow: 'any' }, openBacking: opts.openBacking });
   if (!(img instanceof Qcow2Image)) {
     await img.close();
-    throw new QimgError('USAGE', `'${path}' is not a qcow2 image`);
+    throw new QimgError('UNSUPPORTED', opts.rawError ?? `'${path}' is not a qcow2 image`);
   }
   try {
     return new ImageWriter(img);

@@ -21,6 +21,9 @@ export interface SnapshotEntry {
   diskSize: number | null;
   /** null when absent or -1. */
   icount: bigint | null;
+  /** The id and name exactly as stored (a name cut at 255 bytes may end mid-character). */
+  idBytes?: Uint8Array;
+  nameBytes?: Uint8Array;
 }
 
 /** VM state size as QEMU reports it: the 64-bit extra field when present. */
@@ -72,6 +75,8 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, tableOffset:
       vmStateSizeLarge: extraSize >= 8 ? u64(extraData, L.SN_EXTRA_VM_STATE_SIZE_LARGE, `${at}: vm_state_size`) : null,
       diskSize: extraSize >= 16 ? u64(extraData, L.SN_EXTRA_DISK_SIZE, `${at}: disk_size`) : null,
       icount: null,
+      idBytes: buf.slice(idStart, nameStart),
+      nameBytes: buf.slice(nameStart, end),
     };
     if (extraSize >= 24) {
       const ic = u64n(extraData, L.SN_EXTRA_ICOUNT);
@@ -86,7 +91,15 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, tableOffset:
 
 /** Size in bytes of one encoded entry (padded). */
 export function snapshotEntryBytes(e: SnapshotEntry): number {
-  return align(L.SN_HEADER_BYTES + extraFor(e).length + encodeString(e.id).length + encodeString(e.name).length, 8);
+  return align(L.SN_HEADER_BYTES + extraFor(e).length + idOf(e).length + nameOf(e).length, 8);
+}
+
+function idOf(e: SnapshotEntry): Uint8Array {
+  return e.idBytes ?? encodeString(e.id);
+}
+
+function nameOf(e: SnapshotEntry): Uint8Array {
+  return e.nameBytes ?? encodeString(e.name);
 }
 
 /** Extra data as written: the known 24 bytes updated from the decoded fields, unknown bytes after kept. */
@@ -107,8 +120,8 @@ export function encodeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
   let off = 0;
   for (const e of entries) {
     const extra = extraFor(e);
-    const id = encodeString(e.id);
-    const name = encodeString(e.name);
+    const id = idOf(e);
+    const name = nameOf(e);
     setU64(buf, off + L.SN_L1_TABLE_OFFSET, e.l1TableOffset);
     setU32(buf, off + L.SN_L1_SIZE, e.l1Size);
     setU16(buf, off + L.SN_ID_STR_SIZE, id.length);

@@ -1,0 +1,242 @@
+// Internal snapshots: create, apply (revert), delete, and what deleting one would free.
+//
+// Each operation is a short sequence of ImageWriter.commit() calls in QEMU's order, so a crash
+// at any point leaves leaked clusters at most. Reference changes are accumulated for a whole
+// tree at once (tree.ts) and applied with one read-modify-write per refcount block.
+// OFLAG_COPIED is only ever left CLEAR where it could be set (costs an extra copy later), never
+// set where a cluster is shared.
+
+import { QimgError } from '../errors.js';
+import { decodeString, encodeString } from '../format/bytes.js';
+import { hasIncompat } from '../format/header.js';
+import * as L from '../format/layout.js';
+import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
+import type { BackingPolicy } from './open.js';
+import { Qcow2Image } from './qcow2-image.js';
+import { Refcounts } from './refcounts.js';
+import { accumulateTree } from './tree.js';
+import { openWriter, type ImageWriter } from './writer.js';
+
+/** How a snapshot is named on the command line. */
+export type SnapshotRef = { idOrName: string } | { name: string } | { id: string };
+
+function describeRef(ref: SnapshotRef): string {
+  return 'idOrName' in ref ? ref.idOrName : 'name' in ref ? ref.name : ref.id;
+}
+
+export function findSnapshotEntry(snaps: SnapshotEntry[], ref: SnapshotRef): SnapshotEntry | null {
+  if ('id' in ref) return snaps.find((s) => s.id === ref.id) ?? null;
+  if ('name' in ref) return snaps.find((s) => s.name === ref.name) ?? null;
+  return snaps.find((s) => s.id === ref.idOrName) ?? snaps.find((s) => s.name === ref.idOrName) ?? null;
+}
+
+function deltaArray(w: ImageWriter): Int32Array {
+  const img = w.img;
+  return new Int32Array(Math.max(w.refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1);
+}
+
+function refuseDataFile(img: Qcow2Image, verb: string, what: string): void {
+  if (hasIncompat(img.header, L.INCOMPAT_DATA_FILE)) {
+    throw new QimgError('UNSUPPORTED', `Could not ${verb} snapshot '${what}': -95 (Operation not supported)`);
+  }
+}
+
+/** The next ID: one more than the highest numeric ID (QEMU's rule). */
+export function nextSnapshotId(snaps: SnapshotEntry[]): string {
+  let max = 0;
+  for (const s of snaps) {
+    const n = /^\d+$/.test(s.id) ? Number(s.id) : 0;
+    if (n > max) max = n;
+  }
+  return String(max + 1);
+}
+
+/** Current wall time in microseconds, as QEMU stamps snapshots. */
+function nowMicros(): number {
+  return Math.floor((performance.timeOrigin + performance.now()) * 1000);
+}
+
+export interface NewSnapshot {
+  name: string;
+  /** Microseconds since the epoch (defaults to now). */
+  dateMicros?: number;
+}
+
+/**
+ * QEMU's create order: (1) clear OFLAG_COPIED in the active tree; (2) the L1 copy in fresh
+ * clusters and +1 on everything the active tree references; (3) the new snapshot table and
+ * the header naming it. A crash before (3) lands leaves only leaks.
+ */
+export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEntry {
+  const img = w.img;
+  refuseDataFile(img, 'create', snap.name);
+  if (img.snapshots.length >= L.MAX_SNAPSHOTS) throw new QimgError('UNSUPPORTED', `Could not create snapshot '${snap.name}': Too many snapshots`);
+  w.commit();
+  w.clearCopied();
+  w.commit();
+
+  const cs = img.clusterSize;
+  const l1 = img.l1.slice();
+  let l1Offset = 0;
+  if (l1.length > 0) {
+    l1Offset = w.refs.alloc(Math.ceil(l1.length / cs));
+    img.file.write(l1, l1Offset); // nothing references it until the table lands
+    if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
+  }
+  const deltas = deltaArray(w);
+  accumulateTree(img, img.l1, deltas, +1);
+  w.refs.applyDeltas(deltas);
+  w.commit();
+
+  const nameBytes = encodeString(snap.name).subarray(0, L.MAX_SNAPSHOT_NAME_BYTES);
+  const us = snap.dateMicros ?? nowMicros();
+  const entry: SnapshotEntry = {
+    l1TableOffset: l1Offset,
+    l1Size: l1.length / 8,
+    id: nextSnapshotId(img.snapshots),
+    name: decodeString(nameBytes),
+    nameBytes: nameBytes.slice(),
+    dateSec: Math.floor(us / 1e6),
+    dateNsec: (us % 1e6) * 1000,
+    vmClockNsec: 0n,
+    vmStateSize32: 0,
+    extraData: new Uint8Array(L.SN_EXTRA_BYTES_WRITTEN),
+    vmStateSizeLarge: 0,
+    diskSize: img.virtualSize,
+    icount: 0n,
+  };
+  entry.idBytes = encodeString(entry.id);
+  const entries = [...img.snapshots, entry];
+  w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
+  w.commit();
+  img.snapshots = entries;
+  return entry;
+}
+
+/**
+ * QEMU's apply order: (1) +1 on the snapshot's tree; (2) the active L1 overwritten in one write
+ * with the snapshot's (flags clear), then -1 on the old active tree; (3) OFLAG_COPIED set where
+ * the refcount is 1. The virtual size goes back to the snapshot's.
+ */
+export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry {
+  const img = w.img;
+  const what = describeRef(ref);
+  const sn = findSnapshotEntry(img.snapshots, ref);
+  if (!sn) throw new QimgError('NOT_FOUND', `Could not apply snapshot '${what}': Failed to load snapshot: No such file or directory`);
+  refuseDataFile(img, 'apply', what);
+  if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Could not apply snapshot '${what}': Snapshot L1 table too large`);
+  w.commit();
+  const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+  w.ensureL1(sn.l1Size);
+  if (sn.diskSize !== null && sn.diskSize !== img.virtualSize) w.setVirtualSize(sn.diskSize);
+
+  const up = deltaArray(w);
+  accumulateTree(img, snL1, up, +1);
+  w.refs.applyDeltas(up);
+  w.commit();
+
+  const down = deltaArray(w);
+  accumulateTree(img, img.l1, down, -1);
+  const fresh = snL1.slice();
+  for (let i = 0; i < fresh.length; i += 8) fresh[i] = fresh[i]! & 0x7f; // COPIED recomputed below
+  w.replaceL1(fresh);
+  w.refs.applyDeltas(down);
+  img.dropCaches();
+  w.commit();
+
+  w.recomputeCopied(up);
+  w.commit();
+  return sn;
+}
+
+/**
+ * QEMU's delete order: (1) the table without the entry; (2) -1 on the snapshot's tree and its
+ * L1 table; (3) OFLAG_COPIED set in the active tree where refcounts dropped to 1.
+ */
+export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry {
+  const img = w.img;
+  const what = describeRef(ref);
+  const sn = findSnapshotEntry(img.snapshots, ref);
+  if (!sn) throw new QimgError('NOT_FOUND', `Could not delete snapshot '${what}': snapshot not found`);
+  w.commit();
+  const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+
+  const entries = img.snapshots.filter((s) => s !== sn);
+  w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
+  w.commit();
+  img.snapshots = entries;
+
+  const down = deltaArray(w);
+  accumulateTree(img, snL1, down, -1);
+  addL1Clusters(down, sn, img.clusterSize, -1);
+  w.refs.applyDeltas(down);
+  img.dropCaches();
+  w.commit();
+
+  w.recomputeCopied(down);
+  w.commit();
+  return sn;
+}
+
+function addL1Clusters(deltas: Int32Array, sn: SnapshotEntry, cs: number, d: number): void {
+  if (sn.l1Size === 0) return;
+  const first = Math.floor(sn.l1TableOffset / cs);
+  const last = Math.floor((sn.l1TableOffset + sn.l1Size * 8 - 1) / cs);
+  for (let c = first; c <= last; c++) deltas[c] = deltas[c]! + d;
+}
+
+/**
+ * Bytes deleting each snapshot would free: every host cluster whose refcount would drop to
+ * zero (data only it reaches, L2 tables only it references, its own L1 table).
+ */
+export function snapshotFreedBytes(img: Qcow2Image): Map<string, number> {
+  const out = new Map<string, number>();
+  if (img.snapshots.length === 0) return out;
+  const h = img.header;
+  const refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
+  const rc = refs.reader();
+  const n = Math.max(refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1;
+  for (const sn of img.snapshots) {
+    const deltas = new Int32Array(n);
+    const l1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+    accumulateTree(img, l1, deltas, -1);
+    addL1Clusters(deltas, sn, img.clusterSize, -1);
+    let freed = 0;
+    for (let c = 0; c < n; c++) {
+      const d = deltas[c]!;
+      if (d !== 0 && rc(c) + d <= 0) freed++;
+    }
+    out.set(sn.id, freed * img.clusterSize);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- whole-command entry points
+
+export interface SnapshotWriteOptions {
+  backing?: BackingPolicy;
+}
+
+async function withWriter<T>(path: string, rawError: string, fn: (w: ImageWriter) => T): Promise<T> {
+  const w = await openWriter(path, { openBacking: false, rawError });
+  try {
+    const r = fn(w);
+    await w.close();
+    return r;
+  } catch (err) {
+    await w.abandon();
+    throw err;
+  }
+}
+
+export function createSnapshot(path: string, snap: NewSnapshot): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not create snapshot '${snap.name}': -95 (Operation not supported)`, (w) => createSnapshotOn(w, snap));
+}
+
+export function applySnapshot(path: string, ref: SnapshotRef): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not apply snapshot '${describeRef(ref)}': Block driver does not support snapshots`, (w) => applySnapshotOn(w, ref));
+}
+
+export function deleteSnapshot(path: string, ref: SnapshotRef): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not delete snapshot '${describeRef(ref)}': snapshot not found`, (w) => deleteSnapshotOn(w, ref));
+}

@@ -1,0 +1,90 @@
+// Walking L1 trees in file order: every distinct L2 table read once, in large sequential reads,
+// and the per-cluster reference deltas a snapshot operation needs.
+
+import { QimgError, hex } from '../errors.js';
+import { u32 } from '../format/bytes.js';
+import { compressedByteLength, compressedOffset, entryOffset } from '../format/entries.js';
+import * as L from '../format/layout.js';
+import { readAt } from '../io/file.js';
+import type { Qcow2Image } from './qcow2-image.js';
+
+/** Largest single read when L2 tables are adjacent on disk. */
+const MAX_COALESCED_READ = 8 * 1024 * 1024;
+
+/** Offsets of the L2 tables an L1 table references, in entry order (0 for unused entries skipped). */
+export function l2Offsets(img: Qcow2Image, l1: Uint8Array): number[] {
+  const out: number[] = [];
+  for (let i = 0; i * 8 < l1.length; i++) {
+    const off = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
+    if (off === 0) continue;
+    if (off % img.clusterSize !== 0) throw new QimgError('CORRUPT', `L1 table: entry ${i} points to unaligned L2 table offset ${hex(off)}`);
+    out.push(off);
+  }
+  return out;
+}
+
+/**
+ * Calls `visit` for each distinct L2 table in `offsets`, in file-offset order, reading runs of
+ * adjacent tables with one read. Tables a writer holds uncommitted are taken from its cache.
+ */
+export function forEachL2(img: Qcow2Image, offsets: number[], visit: (offset: number, table: Uint8Array) => void): void {
+  const cs = img.clusterSize;
+  const sorted = [...new Set(offsets)].sort((a, b) => a - b);
+  let i = 0;
+  while (i < sorted.length) {
+    const start = sorted[i]!;
+    const dirty = img.dirtyL2.get(start);
+    if (dirty) {
+      visit(start, dirty);
+      i++;
+      continue;
+    }
+    let j = i + 1;
+    while (j < sorted.length && sorted[j] === start + (j - i) * cs && (j - i + 1) * cs <= MAX_COALESCED_READ && !img.dirtyL2.has(sorted[j]!)) j++;
+    const n = j - i;
+    if (start + n * cs > img.fileSize) throw new QimgError('CORRUPT', `L2 table at ${hex(start)} lies past the end of the file`);
+    const buf = new Uint8Array(n * cs);
+    readAt(img.file, buf, start);
+    for (let k = 0; k < n; k++) visit(start + k * cs, buf.subarray(k * cs, (k + 1) * cs));
+    i = j;
+  }
+}
+
+/**
+ * Adds `d` to deltas[c] for every host cluster a tree reaches through `l1`: each L2 table once
+ * per L1 entry naming it, each data cluster once per L2 entry, and every cluster a compressed
+ * cluster's sectors touch.
+ */
+export function accumulateTree(img: Qcow2Image, l1: Uint8Array, deltas: Int32Array, d: number): void {
+  const cs = img.clusterSize;
+  const offsets = l2Offsets(img, l1);
+  const uses = new Map<number, number>();
+  for (const off of offsets) uses.set(off, (uses.get(off) ?? 0) + 1);
+  const ew = img.extendedL2 ? 16 : 8;
+  const cb = img.clusterBits;
+  forEachL2(img, offsets, (off, table) => {
+    const times = uses.get(off)!;
+    const dd = d * times;
+    bump(deltas, off / cs, dd);
+    for (let e = 0; e < table.length; e += ew) {
+      const hi = u32(table, e);
+      const lo = u32(table, e + 4);
+      if (hi === 0 && lo === 0) continue;
+      if (hi & L.OFLAG_COMPRESSED_HI) {
+        const co = compressedOffset(hi, lo, cb);
+        const len = compressedByteLength(hi, lo, cb);
+        const first = Math.floor(co / cs);
+        const last = Math.floor((co + len - 1) / cs);
+        for (let c = first; c <= last; c++) bump(deltas, c, dd);
+        continue;
+      }
+      const host = entryOffset(hi, lo);
+      if (host !== 0) bump(deltas, host / cs, dd);
+    }
+  });
+}
+
+function bump(deltas: Int32Array, ci: number, d: number): void {
+  if (ci >= deltas.length) throw new QimgError('CORRUPT', `cluster ${hex(ci)} referenced past the end of the image's refcount coverage`);
+  deltas[ci] = deltas[ci]! + d;
+}
