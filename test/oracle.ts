@@ -2,7 +2,7 @@
 // generated image kinds, built once per process with qemu-img/qemu-io and shared by every test file.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync, readdirSync } from 'node:fs';
+import { readFileSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync, readdirSync, fsyncSync } from 'node:fs';
 import { join } from 'node:path';
 import { FIXTURES, QIMG_BIN, mustQemuImg, mustQemuIo, tmpDir, type RunResult } from './helpers.js';
 
@@ -51,6 +51,23 @@ export async function pool<T>(tasks: (() => Promise<T>)[], n = 3): Promise<T[]> 
 
 export function sha256(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+/**
+ * fsyncs every file in `dir`: a freshly written file's st_blocks (disk size) can still change at
+ * writeback, which would make qemu-img and qimg, run a few seconds apart, disagree.
+ */
+export function settle(dir: string): void {
+  for (const f of readdirSync(dir)) {
+    const p = join(dir, f);
+    if (!statSync(p).isFile()) continue;
+    const fd = openSync(p, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  }
 }
 
 export function allocatedBytes(path: string): number {
@@ -256,6 +273,7 @@ export function generatedKinds(): Kind[] {
   io(p('extraw.qcow2'), ['write -P 0xb3 1000 70000', 'write -P 0xb4 3145728 65536']);
   add('external data file (raw)', 'extraw.qcow2');
 
+  settle(dir);
   cached = kinds;
   return kinds;
 }

@@ -1,6 +1,7 @@
 // The qimg command line: dispatch to one command module, map errors to one stderr line and an exit code.
 
 import { QimgError } from '../qcow2/errors.js';
+import { writeStderr } from './output.js';
 
 type CommandModule = { run(argv: string[]): Promise<number> };
 
@@ -9,6 +10,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   info: () => import('./commands/info.js'),
   snapshot: () => import('./commands/snapshot.js'),
   convert: () => import('./commands/convert.js'),
+  create: () => import('./commands/create.js'),
 };
 
 export async function main(argv: string[]): Promise<void> {
@@ -23,7 +25,7 @@ async function dispatch(argv: string[]): Promise<number> {
     }
     const load = COMMANDS[cmd];
     if (!load) {
-      process.stderr.write(`qimg: Command not found: ${cmd}\nTry 'qimg --help' for more information\n`);
+      writeStderr(`qimg: Command not found: ${cmd}\nTry 'qimg --help' for more information\n`);
       return 1;
     }
     if (rest.includes('--help') || rest.includes('-h')) return (await import('./help.js')).showCommand(cmd);
@@ -37,10 +39,10 @@ async function dispatch(argv: string[]): Promise<number> {
 export function reportError(err: unknown): number {
   if (process.env.QIMG_DEBUG) console.error(err);
   if (err instanceof QimgError) {
-    process.stderr.write(`qimg: ${err.message}\n`);
+    writeStderr(`qimg: ${err.message}\n`);
     return 1;
   }
   const msg = err instanceof Error ? err.message : String(err);
-  process.stderr.write(`qimg: internal error: ${msg.split('\n')[0]}\n`);
+  writeStderr(`qimg: internal error: ${msg.split('\n')[0]}\n`);
   return 1;
 }

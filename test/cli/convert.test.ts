@@ -2,7 +2,7 @@
 // internal snapshot, in every -l form), output no less sparse, and qemu-img's refusals.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { FIXTURES, qemuImg, tmpDir, type RunResult } from '../helpers.js';
 import { allocatedBytes, fixtureKinds, generatedKinds, pool, qimgA, type Kind, type SnapshotRef } from '../oracle.js';
@@ -20,7 +20,10 @@ interface Job {
   got?: RunResult;
 }
 
-/** Every -l form for the first snapshot, one form (in turn) for the others. */
+/**
+ * Every -l form for the first snapshot of an image with several snapshots, one form (in turn)
+ * for the others (each qimg run costs ~0.15 s of CPU).
+ */
 function selectors(snaps: SnapshotRef[]): string[] {
   const forms = (s: SnapshotRef): string[] => [
     `snapshot.name=${s.name}`,
@@ -29,7 +32,7 @@ function selectors(snaps: SnapshotRef[]): string[] {
     s.id,
     `snapshot.id=${s.id},snapshot.name=${s.name}`,
   ];
-  return snaps.flatMap((s, i) => (i === 0 ? forms(s) : [forms(s)[(i + 1) % 5]!]));
+  return snaps.flatMap((s, i) => (i === 0 && snaps.length >= 3 ? forms(s) : [forms(s)[(i + 1) % 5]!]));
 }
 
 function plan(k: Kind): Job[] {
@@ -114,6 +117,19 @@ test('convert: -l on a raw source is refused like qemu-img', async () => {
   assert.is(g.status, w.status);
   assert.is(g.stderr.replace(/^qimg: /, ''), w.stderr.replace(/^qemu-img: /, ''));
   assert.not.ok(existsSync(dst));
+});
+
+test('convert: a raw source whose size is not a multiple of 512 (qemu-img rounds it up)', async () => {
+  const src = join(out, 'odd.img');
+  writeFileSync(src, Buffer.alloc(524355, 0x5c));
+  const want = join(out, 'odd-want.raw');
+  const dst = join(out, 'odd-got.raw');
+  qemuImg(['convert', '-O', 'raw', src, want]);
+  const [r, i, iw] = await pool([() => qimgA(['convert', '-O', 'raw', src, dst]), () => qimgA(['info', src]), async () => qemuImg(['info', src])]);
+  assert.is(r!.status, 0, r!.stderr);
+  assert.fixture(i!.stdout, iw!.stdout, 'info');
+  assert.is(statSync(dst).size, statSync(want).size, 'output size');
+  assert.ok(Buffer.compare(readFileSync(dst), readFileSync(want)) === 0, 'output bytes');
 });
 
 test('convert: converting over a bigger existing output replaces it', async () => {

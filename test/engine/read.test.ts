@@ -36,7 +36,15 @@ function readChunks(layer: Layer, start: number, chunk: number): Uint8Array {
   return all;
 }
 
-function compareLayer(label: string, layer: Layer, ref: Uint8Array): void {
+function compareLayer(label: string, layer: Layer, full: Uint8Array, snapshot = false): void {
+  let ref = full;
+  if (snapshot && layer.virtualSize < full.length) {
+    // A snapshot taken at a smaller disk size: qemu-img convert -l writes the current size (the
+    // tail reads as zeros); the library's view has the snapshot's size. Compare what both have
+    // here; the CLI test holds the size to qemu-img's.
+    assert.ok(full.subarray(layer.virtualSize).every((b) => b === 0), `${label}: qemu-img's tail past the snapshot size is zero`);
+    ref = full.subarray(0, layer.virtualSize);
+  }
   assert.is(layer.virtualSize, ref.length, `${label}: virtual size`);
   // Pass 1: 12345-byte chunks from 0 (every chunk after the first starts unaligned).
   const a = readChunks(layer, 0, 12345);
@@ -70,7 +78,7 @@ async function checkKind(k: Kind): Promise<void> {
       const q = img as Qcow2Image;
       assert.equal(q.snapshots.map((s) => s.id), k.snapshots.map((s) => s.id), `${k.name}: snapshot ids`);
       for (const sn of q.snapshots) {
-        compareLayer(`${k.name} snapshot ${sn.id}`, q.snapshotView(sn), snapRefs.get(sn.id)!);
+        compareLayer(`${k.name} snapshot ${sn.id}`, q.snapshotView(sn), snapRefs.get(sn.id)!, true);
       }
     }
   } finally {

@@ -2,6 +2,7 @@
 
 import { info } from '../../qcow2/engine/info.js';
 import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, oneFile, outputFormat, parseArgs } from '../args.js';
+import { writeStdout } from '../output.js';
 import { renderInfoChainHuman, renderInfoChainJson, renderInfoHuman, renderInfoJson } from '../render.js';
 
 export async function run(argv: string[]): Promise<number> {
@@ -17,6 +18,6 @@ export async function run(argv: string[]): Promise<number> {
   const text = chain
     ? output === 'json' ? renderInfoChainJson(infos) : renderInfoChainHuman(infos)
     : output === 'json' ? renderInfoJson(infos[0]!) : renderInfoHuman(infos[0]!);
-  process.stdout.write(text);
+  writeStdout(text);
   return 0;
 }

@@ -3,6 +3,7 @@
 import { QimgError } from '../../qcow2/errors.js';
 import { listSnapshots } from '../../qcow2/engine/info.js';
 import { COMMON_READ_OPTIONS, flag, imageFormat, last, oneFile, outputFormat, parseArgs, usage } from '../args.js';
+import { writeStdout } from '../output.js';
 import { renderSnapshotsJson, renderSnapshotTable } from '../render.js';
 
 const OPTIONS = [
@@ -29,7 +30,7 @@ export async function run(argv: string[]): Promise<number> {
     const output = outputFormat('snapshot', p);
     const withSize = flag(p, 'size');
     const { snaps, freed } = await listSnapshots(file, { format: imageFormat(p), forceShare: flag(p, 'force-share'), freedBytes: withSize || output === 'json' });
-    process.stdout.write(output === 'json' ? renderSnapshotsJson(snaps, freed ?? undefined) : renderSnapshotTable(snaps, withSize && freed ? { freed } : {}));
+    writeStdout(output === 'json' ? renderSnapshotsJson(snaps, freed ?? undefined) : renderSnapshotTable(snaps, withSize && freed ? { freed } : {}));
     return 0;
   }
   if (flag(p, 'force-share')) throw usage('snapshot', '-U/--force-share is only allowed with -l: changing an image needs its write lock');

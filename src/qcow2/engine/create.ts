@@ -37,7 +37,7 @@ export interface CreateOptions {
   backingFormat?: string;
   /** Do not open the backing file (then `size` is required). */
   unsafe?: boolean;
-  /** External data file, created (or truncated) next to the image. */
+  /** External data file, created (or truncated) at this path as given (relative to the working directory, as QEMU does). */
   dataFile?: string;
   dataFileRaw?: boolean;
   /**
@@ -588,7 +588,9 @@ async function createQcow2(path: string, opts: CreateOptions, size: number, form
   const o = await openForCreate(path);
   try {
     if (p.dataFile !== null) {
-      const dataPath = besideImage(path, p.dataFile);
+      // qemu-img creates (and QEMU later opens) the data file by its name as given: relative to
+      // the working directory, not to the image.
+      const dataPath = p.dataFile;
       data = await openForCreate(dataPath);
       setSize(data.file, dataPath, p.size, 'raw');
       if (p.preallocation === 'full' || p.preallocation === 'falloc') zeroFill(data.file, 0, p.size);

@@ -1,9 +1,13 @@
 // Decompression of one compressed cluster: raw deflate (QEMU's "zlib", no header) or zstd.
 
-import { inflateRawSync, constants as zc } from 'node:zlib';
-import { Decompress as ZstdStream } from 'fzstd';
+import { createRequire } from 'node:module';
 import { QimgError, hex } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
+
+// Loaded on first use: most commands never decompress, and start-up time matters for them.
+const require = createRequire(import.meta.url);
+let zlib: typeof import('node:zlib') | null = null;
+let fzstd: typeof import('fzstd') | null = null;
 
 /**
  * Inflates `input` into exactly `clusterSize` bytes. The compressed run may hold trailing bytes
@@ -12,7 +16,8 @@ import { COMPRESSION_ZSTD } from '../format/layout.js';
 export function decompressCluster(input: Uint8Array, clusterSize: number, compressionType: number, hostOffset: number): Uint8Array {
   try {
     if (compressionType === COMPRESSION_ZSTD) return zstdCluster(input, clusterSize);
-    const out = inflateRawSync(input, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
+    zlib ??= require('node:zlib') as typeof import('node:zlib');
+    const out = zlib.inflateRawSync(input, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
     if (out.length !== clusterSize) throw new Error(`inflated to ${out.length} bytes`);
     return out;
   } catch (err) {
@@ -27,7 +32,8 @@ function zstdCluster(input: Uint8Array, clusterSize: number): Uint8Array {
   // cluster; stream it and stop once a cluster has been produced.
   const out = new Uint8Array(clusterSize);
   let got = 0;
-  const d = new ZstdStream((chunk: Uint8Array) => {
+  fzstd ??= require('fzstd') as typeof import('fzstd');
+  const d = new fzstd.Decompress((chunk: Uint8Array) => {
     const n = Math.min(chunk.length, clusterSize - got);
     out.set(chunk.subarray(0, n), got);
     got += n;

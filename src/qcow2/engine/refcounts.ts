@@ -291,6 +291,7 @@ export class Refcounts {
    * block is read and modified once. The streaming path for snapshot operations.
    */
   applyDeltas(deltas: Int32Array): void {
+    this.validateDeltas(deltas);
     const per = this.perBlock;
     const order = this.refcountOrder;
     for (let t = 0; t * per < deltas.length; t++) {
@@ -328,6 +329,19 @@ export class Refcounts {
         } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
       }
       b.dirty = true;
+    }
+  }
+
+  /** Throws (changing nothing) if applying `deltas` would take any refcount out of range. */
+  validateDeltas(deltas: Int32Array): void {
+    const rc = this.reader();
+    for (let ci = 0; ci < deltas.length; ci++) {
+      const d = deltas[ci]!;
+      if (d === 0) continue;
+      const t = Math.floor(ci / this.perBlock);
+      if (!this.block(t)) throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but has no refcount block`);
+      const v = rc(ci) + d;
+      if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
     }
   }
 

@@ -72,6 +72,10 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   refuseDataFile(img, 'create', snap.name);
   if (img.snapshots.length >= L.MAX_SNAPSHOTS) throw new QimgError('UNSUPPORTED', `Could not create snapshot '${snap.name}': Too many snapshots`);
   w.commit();
+  // Refuse before changing anything if a refcount would overflow.
+  const deltas = deltaArray(w);
+  accumulateTree(img, img.l1, deltas, +1);
+  w.refs.validateDeltas(deltas);
   w.clearCopied();
   w.commit();
 
@@ -83,8 +87,6 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
     img.file.write(l1, l1Offset); // nothing references it until the table lands
     if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
   }
-  const deltas = deltaArray(w);
-  accumulateTree(img, img.l1, deltas, +1);
   w.refs.applyDeltas(deltas);
   w.commit();
 
@@ -225,6 +227,9 @@ async function withWriter<T>(path: string, rawError: string, fn: (w: ImageWriter
     return r;
   } catch (err) {
     await w.abandon();
+    // "Could not create snapshot 'x': <reason>", as qemu-img words a failed operation.
+    const verb = rawError.slice(0, rawError.indexOf("':") + 2);
+    if (err instanceof QimgError && !err.message.startsWith('Could not')) throw new QimgError(err.code, `${verb} ${err.message}`, err.data);
     throw err;
   }
 }

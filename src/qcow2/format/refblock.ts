@@ -11,8 +11,10 @@ export function refblockEntries(clusterBits: number, refcountOrder: number): num
 }
 
 /** Largest refcount the width can hold (capped to exact JS integers for 64-bit). */
+const MAX_BY_ORDER = [1, 3, 15, 255, 65535, 4294967295, Number.MAX_SAFE_INTEGER];
+
 export function maxRefcount(refcountOrder: number): number {
-  return refcountOrder >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** refcountOrder) - 1;
+  return MAX_BY_ORDER[refcountOrder] ?? Number.MAX_SAFE_INTEGER;
 }
 
 export function getRefcount(block: Uint8Array, index: number, refcountOrder: number): number {
@@ -40,7 +42,7 @@ export function getRefcount(block: Uint8Array, index: number, refcountOrder: num
 }
 
 export function setRefcount(block: Uint8Array, index: number, refcountOrder: number, value: number): void {
-  if (value < 0 || value > maxRefcount(refcountOrder) || !Number.isInteger(value)) {
+  if (!(value >= 0 && value <= (MAX_BY_ORDER[refcountOrder] ?? 0)) || !Number.isInteger(value)) {
     throw new QimgError('USAGE', `refcount ${value} does not fit in ${2 ** refcountOrder} bits`);
   }
   switch (refcountOrder) {

@@ -1,0 +1,62 @@
+// Bench entry point: `node dist/bench/run.js [startup|l2|all] [options passed through]`.
+//
+//   startup  whole-command start-up vs bare Node and qemu-img (bench/startup.ts; --runs N)
+//   l2       benchmark.js suite for L2 classification and refcount get/set (bench/l2-scan.ts; --quick)
+//   all      both, start-up first (the default)
+
+import { l2Main } from './l2-scan.js';
+import { startupMain } from './startup.js';
+
+const USAGE = 'usage: node dist/bench/run.js [startup|l2|all] [--runs N] [--warmup N] [--root DIR] [--quick] [--json]\n';
+
+function main(argv: string[]): number {
+  const first = argv[0];
+  const which = first === undefined || first.startsWith('-') ? 'all' : first;
+  const rest = which === first ? argv.slice(1) : argv;
+  if (which === 'help' || rest.includes('--help') || rest.includes('-h')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  // Options belong to one bench or the other; with `all`, hand each only its own.
+  const startupOpts = pick(rest, ['--runs', '--warmup', '--root'], ['--json']);
+  const l2Opts = pick(rest, [], ['--quick', '--json']);
+  switch (which) {
+    case 'startup':
+      startupMain(rest);
+      return 0;
+    case 'l2':
+      l2Main(rest);
+      return 0;
+    case 'all':
+      startupMain(startupOpts);
+      process.stdout.write('\n');
+      l2Main(l2Opts);
+      return 0;
+    default:
+      process.stderr.write(`bench: unknown benchmark '${which}'\n${USAGE}`);
+      return 2;
+  }
+}
+
+/** The options in `argv` named in `withValue` (with their value) or `bare`. */
+function pick(argv: string[], withValue: string[], bare: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const key = a.includes('=') ? a.slice(0, a.indexOf('=')) : a;
+    if (withValue.includes(key)) {
+      out.push(a);
+      if (!a.includes('=') && i + 1 < argv.length) out.push(argv[++i]!);
+    } else if (bare.includes(a)) {
+      out.push(a);
+    }
+  }
+  return out;
+}
+
+try {
+  process.exitCode = main(process.argv.slice(2));
+} catch (err) {
+  process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exitCode = 1;
+}

@@ -1,0 +1,240 @@
+// Snapshot create/apply/delete against qemu-img doing the same sequence, plus crash simulation.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Qcow2Image } from '../../src/qcow2/engine/qcow2-image.js';
+import { applySnapshotOn, createSnapshotOn, deleteSnapshotOn, snapshotFreedBytes } from '../../src/qcow2/engine/snapshots.js';
+import { ImageWriter } from '../../src/qcow2/engine/writer.js';
+import { Refcounts } from '../../src/qcow2/engine/refcounts.js';
+import { MemoryFile } from '../../src/qcow2/io/memory-file.js';
+import { crashSweep, guestBytes, oracleCheck } from '../crash-harness.js';
+import { mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
+
+function clean(path: string): void {
+  const r = qemuImg(['check', '--output=json', path]);
+  assert.is(r.status, 0, `qemu-img check: ${r.stdout}${r.stderr}`);
+}
+
+function snapshotIds(path: string): string[] {
+  const j = JSON.parse(mustQemuImg(['info', '--output=json', '-U', path])) as { snapshots?: Array<{ id: string }> };
+  return (j.snapshots ?? []).map((s) => s.id);
+}
+
+function raw(path: string, snap?: string): Buffer {
+  const out = join(tmpDir(), 'o.raw');
+  mustQemuImg(['convert', '-U', ...(snap ? ['-l', `snapshot.id=${snap}`] : []), '-O', 'raw', path, out]);
+  return readFileSync(out);
+}
+
+/** Same steps on two copies: one through qimg, one through qemu-img; guest I/O by qemu-io on both. */
+function twin(opts: string, steps: Array<string[]>): void {
+  const dir = tmpDir();
+  const a = join(dir, 'qimg.qcow2');
+  const b = join(dir, 'qemu.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', opts, a, '8M']);
+  mustQemuIo(['-c', 'write -P 0x11 0 2M', '-c', 'write -c -P 0x12 3M 256k', '-c', 'write -z 4M 64k', a]);
+  copyFileSync(a, b);
+  for (const step of steps) {
+    if (step[0] === 'io') {
+      mustQemuIo([...step.slice(1).flatMap((c) => ['-c', c]), a]);
+      mustQemuIo([...step.slice(1).flatMap((c) => ['-c', c]), b]);
+      continue;
+    }
+    const r = qimg(['snapshot', ...step, a]);
+    assert.is(r.status, 0, `qimg snapshot ${step.join(' ')}: ${r.stderr}`);
+    mustQemuImg(['snapshot', ...step, b]);
+    clean(a);
+  }
+  assert.equal(snapshotIds(a), snapshotIds(b), 'snapshot ids differ');
+  const la = qimg(['snapshot', '-l', a]).stdout.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'DATE');
+  const lb = qemuImg(['snapshot', '-l', b]).stdout.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'DATE');
+  assert.is(la, lb);
+  assert.ok(raw(a).equals(raw(b)), 'active layers differ');
+  for (const id of snapshotIds(a)) assert.ok(raw(a, id).equals(raw(b, id)), `snapshot ${id} differs`);
+}
+
+for (const opts of ['cluster_size=65536', 'cluster_size=4096,refcount_bits=32', 'compat=0.10', 'extended_l2=on', 'cluster_size=512,refcount_bits=64']) {
+  test(`create/apply/delete sequence matches qemu-img (${opts})`, () => {
+    twin(opts, [
+      ['-c', 'first'],
+      ['io', 'write -P 0x21 512k 1M', 'write -z 1M 64k', 'discard 3M 64k'],
+      ['-c', 'second'],
+      ['io', 'write -P 0x31 0 4k'],
+      ['-c', 'first'], // duplicate names are allowed
+      ['-a', 'first'], // ID first, then name: applies ID... no ID 'first' -> name 'first' (the first match)
+      ['-d', 'second'],
+      ['-a', '3'],
+      ['io', 'write -P 0x41 6M 100k'],
+      ['-c', 'x'.repeat(300)],
+      ['-d', 'first'],
+    ]);
+  });
+}
+
+test('apply restores the disk size recorded with the snapshot', () => {
+  const dir = tmpDir();
+  const a = join(dir, 'a.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', a, '4M']);
+  mustQemuIo(['-c', 'write -P 0x51 0 4M', a]);
+  assert.is(qimg(['snapshot', '-c', 'small', a]).status, 0);
+  mustQemuImg(['resize', a, '16M']);
+  mustQemuIo(['-c', 'write -P 0x52 10M 1M', a]);
+  assert.is(qimg(['snapshot', '-a', 'small', a]).status, 0);
+  clean(a);
+  const info = JSON.parse(mustQemuImg(['info', '--output=json', a])) as { 'virtual-size': number };
+  assert.is(info['virtual-size'], 4 * 1024 * 1024);
+  assert.ok(raw(a).every((x) => x === 0x51));
+});
+
+test('messages and exit codes for missing snapshots and raw images match qemu-img', () => {
+  const dir = tmpDir();
+  const a = join(dir, 'a.qcow2');
+  const r = join(dir, 'r.img');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', a, '1M']);
+  mustQemuImg(['create', '-q', '-f', 'raw', r, '1M']);
+  const cases: Array<[string[], string]> = [
+    [['-a', 'nope', a], `qimg: Could not apply snapshot 'nope': Failed to load snapshot: No such file or directory\n`],
+    [['-d', 'nope', a], `qimg: Could not delete snapshot 'nope': snapshot not found\n`],
+    [['-c', 'x', r], `qimg: Could not create snapshot 'x': -95 (Operation not supported)\n`],
+    [['-a', 'x', r], `qimg: Could not apply snapshot 'x': Block driver does not support snapshots\n`],
+    [['-d', 'x', r], `qimg: Could not delete snapshot 'x': snapshot not found\n`],
+  ];
+  const before = readFileSync(a);
+  for (const [args, msg] of cases) {
+    const res = qimg(['snapshot', ...args]);
+    assert.is(res.status, 1, args.join(' '));
+    assert.is(res.stderr, msg);
+    const q = qemuImg(['snapshot', ...args]);
+    assert.is(q.status, 1);
+    assert.ok(q.stderr.endsWith(msg.replace(/^qimg: /, '')), `qemu-img says: ${q.stderr}`);
+  }
+  assert.ok(readFileSync(a).equals(before), 'a failed operation changed the image');
+  // 7.2 deletes by name only; qimg adds --delete --id.
+  assert.is(qimg(['snapshot', '-c', 'one', a]).status, 0);
+  assert.is(qimg(['snapshot', '-d', '1', a]).status, 1);
+  assert.is(qimg(['snapshot', '--delete', '--id', '1', a]).status, 0);
+  assert.equal(snapshotIds(a), []);
+  clean(a);
+});
+
+test('the bytes a delete would free are exactly what a delete frees', () => {
+  const dir = tmpDir();
+  const a = join(dir, 'a.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', a, '8M']);
+  mustQemuIo(['-c', 'write -P 0x11 0 1M', a]);
+  mustQemuImg(['snapshot', '-c', 's1', a]);
+  mustQemuIo(['-c', 'write -P 0x12 0 512k', '-c', 'write -c -P 0x13 2M 64k', a]);
+  mustQemuImg(['snapshot', '-c', 's2', a]);
+  mustQemuIo(['-c', 'write -P 0x14 2M 32k', a]);
+  const j = JSON.parse(qimg(['snapshot', '-l', '--output=json', a]).stdout) as Array<{ id: string; 'freed-bytes': number }>;
+  for (const sn of j) {
+    const copy = join(dir, `c${sn.id}.qcow2`);
+    copyFileSync(a, copy);
+    const before = usedClusters(copy);
+    const name = sn.id === '1' ? 's1' : 's2';
+    mustQemuImg(['snapshot', '-d', name, copy]);
+    clean(copy);
+    // The snapshot table is rewritten into as many clusters as before, so the difference is what the delete freed.
+    assert.is((before - usedClusters(copy)) * 4096, sn['freed-bytes'], `snapshot ${sn.id}`);
+    assert.ok(sn['freed-bytes'] > 0);
+  }
+  const human = qimg(['snapshot', '-l', '--size', a]).stdout;
+  assert.match(human, /FREED/);
+});
+
+/** Host clusters with a non-zero refcount. */
+function usedClusters(path: string): number {
+  const img = Qcow2Image.open(new MemoryFile(new Uint8Array(readFileSync(path)), 'm', false), 'm');
+  const h = img.header;
+  const refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
+  let n = 0;
+  for (let c = 0; c < refs.endCluster; c++) if (refs.get(c) > 0) n++;
+  return n;
+}
+
+test('a refcount overflow refuses the operation and leaves the image as it was', () => {
+  const dir = tmpDir();
+  const a = join(dir, 'a.qcow2');
+  // 8-bit refcounts and 64 compressed clusters packed per host cluster: the 4th tree overflows.
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,refcount_bits=8', a, '8M']);
+  mustQemuIo(['-c', 'write -c -P 0x12 3M 256k', a]);
+  assert.is(qimg(['snapshot', '-c', 's1', a]).status, 0);
+  assert.is(qimg(['snapshot', '-c', 's2', a]).status, 0);
+  const before = readFileSync(a);
+  const r = qimg(['snapshot', '-c', 's3', a]);
+  assert.is(r.status, 1);
+  assert.match(r.stderr, /^qimg: Could not create snapshot 's3': refcount of cluster 0x[0-9a-f]+ would exceed 255\n$/);
+  assert.ok(readFileSync(a).equals(before), 'the image changed');
+  clean(a);
+});
+
+// ---------------------------------------------------------------- crash simulation
+
+/** Only leaks, and OFLAG_COPIED left clear on a cluster whose refcount is 1 (costs a copy, never data). */
+function assertSafe(bytes: Uint8Array, k: number): void {
+  const path = join(tmpDir(), 'crash.qcow2');
+  writeFileSync(path, bytes);
+  const r = qemuImg(['check', path]);
+  for (const line of r.stderr.split('\n')) {
+    if (line === '' || line.startsWith('Leaked cluster')) continue;
+    const m = /^ERROR OFLAG_COPIED (?:data cluster: l2_entry|L2 cluster: l1_index=\d+ l1_entry)=([0-9a-f]+) refcount=(\d+)/.exec(line);
+    if (m && BigInt('0x' + m[1]) >> 63n === 0n && m[2] === '1') continue;
+    assert.unreachable(`crash before write ${k + 1}: ${line}`);
+  }
+}
+
+
+function baseImage(): Uint8Array {
+  const path = join(tmpDir(), 'base.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,refcount_bits=16', path, '2M']);
+  mustQemuIo(['-c', 'write -P 0x11 0 256k', '-c', 'write -c -P 0x12 512k 64k', path]);
+  mustQemuImg(['snapshot', '-c', 'old', path]);
+  mustQemuIo(['-c', 'write -P 0x13 64k 64k', path]);
+  return new Uint8Array(readFileSync(path));
+}
+
+function tableIds(bytes: Uint8Array): string[] {
+  return Qcow2Image.open(new MemoryFile(bytes, 'm', false), 'm').snapshots.map((s) => `${s.id}:${s.name}`);
+}
+
+const OPS: Array<[string, (w: ImageWriter) => void]> = [
+  ['create', (w) => void createSnapshotOn(w, { name: 'new', dateMicros: 1e15 })],
+  ['apply', (w) => void applySnapshotOn(w, { idOrName: 'old' })],
+  ['delete', (w) => void deleteSnapshotOn(w, { name: 'old' })],
+];
+
+for (const [name, op] of OPS) {
+  test(`crash at every write during snapshot ${name}: leaks only, old or new table, data intact`, async () => {
+    const image = baseImage();
+    const activeBefore = guestBytes(image);
+    const snapBefore = guestBytes(image, '1');
+    const tableBefore = tableIds(image);
+    const results = await crashSweep(image, (f) => {
+      const w = new ImageWriter(Qcow2Image.open(f, 'mem'));
+      op(w);
+    });
+    const final = results[results.length - 1]!.bytes;
+    const tableAfter = tableIds(final);
+    const activeAfter = guestBytes(final);
+    for (const r of results) {
+      assertSafe(r.bytes, r.k);
+      const t = tableIds(r.bytes);
+      assert.ok(JSON.stringify(t) === JSON.stringify(tableBefore) || JSON.stringify(t) === JSON.stringify(tableAfter), `k=${r.k}: table ${t}`);
+      const active = guestBytes(r.bytes);
+      assert.ok(Buffer.compare(active, activeBefore) === 0 || Buffer.compare(active, activeAfter) === 0, `k=${r.k}: active layer is neither old nor new`);
+      if (t.includes('1:old')) assert.ok(Buffer.compare(guestBytes(r.bytes, '1'), snapBefore) === 0, `k=${r.k}: snapshot data changed`);
+    }
+    assert.is(oracleCheck(final).leaks ?? 0, 0, 'the completed operation leaked');
+  });
+}
+
+test('snapshotFreedBytes counts nothing for a snapshot that shares everything', () => {
+  const image = baseImage();
+  const img = Qcow2Image.open(new MemoryFile(image, 'm', false), 'm');
+  const freed = snapshotFreedBytes(img);
+  // 'old' owns its L1 copy (1 cluster) and the data the active layer rewrote (64k) plus the L2 table copied on write.
+  assert.ok(freed.get('1')! >= 4096 + 65536, `freed ${freed.get('1')}`);
+});
+
+test.run();
