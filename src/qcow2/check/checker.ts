@@ -1,0 +1,1092 @@
+// One check pass over an open image, with qemu-img 7.2's findings, counters and message order:
+// reference counting through every L1/L2 table, refcount-block checks, the comparison with the
+// stored refcounts (and its repairs), and the OFLAG_COPIED checks.
+//
+// Speed comes from reading each distinct L2 table once, in file order, with large coalesced
+// reads: a table's data references are added once per L1 table that reaches it, and its
+// findings (rare) are kept as strings and replayed in QEMU's traversal order afterwards. The one
+// order-dependent effect, a refcount saturating at the image's refcount width, is detected at the
+// end and handled by re-running the count in traversal order ("exact" mode), as are in-place
+// repairs of L2 entries.
+
+import { decodeBitmapDirectory } from '../format/bitmaps.js';
+import { u32 } from '../format/bytes.js';
+import { getRefcount, maxRefcount, setRefcount } from '../format/refblock.js';
+import * as L from '../format/layout.js';
+import { readAt } from '../io/file.js';
+import { CheckAbort, readSnapshotsForCheck, type CheckImage } from './image.js';
+import { RefArray } from './refarray.js';
+
+export const FIX_LEAKS = 1;
+export const FIX_ERRORS = 2;
+
+export interface CheckCounts {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export function emptyCounts(): CheckCounts {
+  return {
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+  };
+}
+
+export interface PassOptions {
+  /** Largest single read of L2 tables, in bytes (default 8 MiB). */
+  chunkBytes?: number;
+  /** Program name for error_report-style lines. */
+  prog?: string;
+  /** Called with (done, total) L2 tables while scanning. */
+  progress?: (done: number, total: number) => void;
+  /** Force traversal-order counting (tests compare it with the streaming path). */
+  exact?: boolean;
+}
+
+const DEFAULT_CHUNK = 8 * 1024 * 1024;
+/** Tables closer than this are read together, the gap included. */
+const MAX_GAP = 256 * 1024;
+const TWO32 = 0x100000000;
+
+/** %PRIx64 of a (hi, lo) word. */
+function hx(hi: number, lo: number): string {
+  return hi ? hi.toString(16) + (lo >>> 0).toString(16).padStart(8, '0') : (lo >>> 0).toString(16);
+}
+/** %#PRIx64: "0" for zero, else 0x-prefixed. */
+function hxAlt(hi: number, lo: number): string {
+  return hi === 0 && lo === 0 ? '0' : '0x' + hx(hi, lo);
+}
+function numHx(n: number): string {
+  return hx(Math.floor(n / TWO32), n % TWO32);
+}
+
+interface TableFindings {
+  msgs: string[];
+  corruptions: number;
+}
+
+type Step = { kind: 'msg'; msg: string } | { kind: 'l1'; l1: Uint8Array; hi: number; lo: number; size: number; active: boolean };
+
+/**
+ * One `bdrv_check` of a qcow2 image in a fix mode (0, FIX_LEAKS, FIX_LEAKS|FIX_ERRORS). Messages
+ * (stderr lines, in order) go to `msgs`. Throws CheckAbort for "Check failed: REASON".
+ */
+export class CheckPass {
+  readonly res = emptyCounts();
+  private readonly cs: number;
+  private readonly cb: number;
+  private readonly refMax: number;
+  private readonly prog: string;
+  private readonly chunk: number;
+  private fileLen: number;
+  private fileClusters: number;
+  /** QEMU's nb_clusters: the in-memory table's logical size (grows for references near EOF). */
+  private nb = 0;
+  private arr: RefArray;
+  private steps: Step[] = [];
+  // Distinct L2 tables (sorted offsets) and how many active / all L1 entries reference them.
+  private uniq = new Float64Array(0);
+  private mult = new Uint32Array(0);
+  private activeMult = new Uint32Array(0);
+  private findings = new Map<number, TableFindings>();
+  private copiedFindings = new Map<number, string[]>();
+  private repairable = false;
+  /** Cluster is stored with refcount exactly 1 (bit set), for streaming OFLAG_COPIED checks. */
+  private storedOne: Uint8Array | null = null;
+  private storedErrBlocks = new Set<number>();
+  private signaled = false;
+  private blockCache = new Map<number, Uint8Array>();
+  private highest = 0;
+  private rebuild = false;
+
+  constructor(
+    private readonly img: CheckImage,
+    private readonly fix: number,
+    private readonly msgs: string[],
+    private readonly opts: PassOptions = {},
+  ) {
+    this.cs = img.clusterSize;
+    this.cb = img.clusterBits;
+    this.refMax = maxRefcount(img.refcountOrder);
+    this.prog = opts.prog ?? 'qimg';
+    this.chunk = Math.max(opts.chunkBytes ?? DEFAULT_CHUNK, this.cs);
+    this.fileLen = img.file.size();
+    this.fileClusters = Math.ceil(this.fileLen / this.cs);
+    this.arr = new RefArray(this.fileClusters + 1);
+  }
+
+  /** qcow2_co_check_locked: snapshot table, refcounts, then marking the image clean. */
+  run(): CheckCounts {
+    try {
+      readSnapshotsForCheck(this.img, this.msgs, this.prog);
+    } catch (err) {
+      if (err instanceof CheckAbort) this.res.checkErrors++;
+      throw err;
+    }
+    this.checkRefcounts();
+    if (this.fix && this.res.checkErrors === 0 && this.res.corruptions === 0) this.markCleanAndConsistent();
+    return this.res;
+  }
+
+  // ---- qcow2_check_refcounts ------------------------------------------------------------
+
+  private checkRefcounts(): void {
+    const img = this.img;
+    this.res.totalClusters = Math.ceil(img.header.size / this.cs);
+    const recordCopied = this.fix === 0 && !this.opts.exact;
+    if (recordCopied) this.loadStoredOnes();
+    this.calculate(recordCopied);
+    const pre = { ...this.res };
+    this.compare(0);
+    if (this.rebuild && this.fix & FIX_ERRORS) {
+      const old = { ...this.res };
+      let freshLeaks = 0;
+      this.msgs.push('Rebuilding refcount structure');
+      this.rebuildRefcountStructure();
+      this.res.corruptions = 0;
+      this.res.leaks = 0;
+      this.rebuild = false;
+      this.calculate(false);
+      if (this.fix & FIX_LEAKS) {
+        const saved = { ...this.res };
+        Object.assign(this.res, emptyCounts());
+        this.compare(FIX_LEAKS);
+        if (this.rebuild) this.msgs.push('ERROR rebuilt refcount structure is still broken');
+        freshLeaks = this.res.leaks;
+        Object.assign(this.res, saved);
+      }
+      if (this.res.corruptions < old.corruptions) this.res.corruptionsFixed += old.corruptions - this.res.corruptions;
+      if (this.res.leaks < old.leaks) this.res.leaksFixed += old.leaks - this.res.leaks;
+      this.res.leaks += freshLeaks;
+    } else if (this.fix) {
+      if (this.rebuild) {
+        this.msgs.push('ERROR need to rebuild refcount structures');
+        this.res.checkErrors++;
+        throw new CheckAbort('Input/output error');
+      }
+      if (this.res.leaks || this.res.corruptions) {
+        Object.assign(this.res, pre);
+        this.compare(this.fix);
+      }
+    }
+    if (recordCopied && this.storedOne) this.replayCopied();
+    else this.checkCopied();
+    this.res.imageEndOffset = (this.highest + 1) * this.cs;
+  }
+
+  // ---- calculate_refcounts -----------------------------------------------------------------
+
+  private calculate(recordCopied: boolean): void {
+    const start = this.msgs.length;
+    const saved = { ...this.res };
+    this.buildSteps();
+    let exact = !!this.opts.exact;
+    if (!exact) {
+      this.resetCounts();
+      this.fastScan(recordCopied);
+      if (this.fix & FIX_ERRORS && this.repairable) exact = true;
+      else {
+        this.replay(false);
+        this.checkRefblocks();
+        if (this.overflowed()) exact = true;
+      }
+    }
+    if (exact) {
+      // Traversal order, one read per reference: saturation and in-place repairs happen exactly
+      // where QEMU's would.
+      this.msgs.length = start;
+      Object.assign(this.res, saved);
+      this.storedOne = null;
+      this.resetCounts();
+      this.replay(true);
+      this.checkRefblocks();
+    }
+  }
+
+  private resetCounts(): void {
+    this.arr = new RefArray(this.fileClusters + 1);
+    this.nb = this.fileClusters;
+    this.findings.clear();
+    this.copiedFindings.clear();
+    this.repairable = false;
+  }
+
+  private overflowed(): boolean {
+    if (this.arr.limit <= this.refMax) return false;
+    const a = this.arr.a;
+    const max = this.refMax;
+    for (let i = 0; i < a.length; i++) if (a[i]! > max) return true;
+    return false;
+  }
+
+  private buildSteps(): void {
+    const img = this.img;
+    const steps: Step[] = [];
+    const h = img.header;
+    steps.push({ kind: 'l1', l1: img.l1, hi: Math.floor(h.l1TableOffset / TWO32), lo: h.l1TableOffset % TWO32, size: h.l1Size, active: true });
+    if (img.hasDataFile && img.snapshots.length) {
+      steps.push({ kind: 'msg', msg: `ERROR ${img.snapshots.length} snapshots in image with data file` });
+    }
+    for (const sn of img.snapshots) {
+      if (sn.l1Lo % this.cs !== 0) {
+        steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${hxAlt(sn.l1Hi, sn.l1Lo)}: L1 table is not cluster aligned; snapshot table entry corrupted` });
+        continue;
+      }
+      if (sn.l1Size > L.MAX_L1_ENTRIES) {
+        steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_size=${hxAlt(0, sn.l1Size)}: L1 table is too large; snapshot table entry corrupted` });
+        continue;
+      }
+      const l1 = new Uint8Array(sn.l1Size * 8);
+      const off = sn.l1Hi * TWO32 + sn.l1Lo;
+      if (sn.l1Size && off < this.fileLen) readAt(img.file, l1, off);
+      steps.push({ kind: 'l1', l1, hi: sn.l1Hi, lo: sn.l1Lo, size: sn.l1Size, active: false });
+    }
+    this.steps = steps;
+  }
+
+  /** Collects, sorts and reads every distinct L2 table once; adds its data references. */
+  private fastScan(recordCopied: boolean): void {
+    let n = 0;
+    for (const s of this.steps) if (s.kind === 'l1') n += s.size;
+    const refs = new Float64Array(n);
+    const act = new Uint8Array(n);
+    let k = 0;
+    for (const s of this.steps) {
+      if (s.kind !== 'l1') continue;
+      const t = s.l1;
+      for (let i = 0; i < s.size; i++) {
+        const hi = u32(t, i * 8);
+        const lo = u32(t, i * 8 + 4);
+        if (hi === 0 && lo === 0) continue;
+        refs[k] = (hi & L.OFFSET_MASK_HI) * TWO32 + ((lo & L.OFFSET_MASK_LO) >>> 0);
+        act[k++] = s.active ? 1 : 0;
+      }
+    }
+    // Sort (offset, active) pairs by offset: pack active into the order via a permutation.
+    const idx = new Uint32Array(k);
+    for (let i = 0; i < k; i++) idx[i] = i;
+    const offs = refs.subarray(0, k);
+    idx.sort((a, b) => offs[a]! - offs[b]!);
+    const uniq = new Float64Array(k);
+    const mult = new Uint32Array(k);
+    const am = new Uint32Array(k);
+    let u = -1;
+    for (let i = 0; i < k; i++) {
+      const o = offs[idx[i]!]!;
+      if (u < 0 || uniq[u] !== o) uniq[++u] = o;
+      mult[u]!++;
+      if (act[idx[i]!]) am[u]!++;
+    }
+    const count = u + 1;
+    this.uniq = uniq.subarray(0, count);
+    this.mult = mult.subarray(0, count);
+    this.activeMult = am.subarray(0, count);
+
+    const cs = this.cs;
+    const buf = new Uint8Array(this.chunk);
+    let i = 0;
+    while (i < count) {
+      const start = this.uniq[i]!;
+      let j = i + 1;
+      let end = start + cs;
+      while (j < count) {
+        const o = this.uniq[j]!;
+        if (o + cs - start > this.chunk || o - end > MAX_GAP) break;
+        end = Math.max(end, o + cs);
+        j++;
+      }
+      const len = end - start;
+      const view = buf.subarray(0, len);
+      if (start < this.fileLen) readAt(this.img.file, view, start);
+      else view.fill(0);
+      for (let t = i; t < j; t++) {
+        const base = this.uniq[t]! - start;
+        this.scanL2(view, base, this.uniq[t]!, this.mult[t]!, this.activeMult[t]!, false, recordCopied && this.activeMult[t]! > 0);
+        if (this.curMsgs.length || this.curCorr) {
+          this.findings.set(t, { msgs: this.curMsgs, corruptions: this.curCorr });
+          this.curMsgs = [];
+        }
+        if (this.curCopied.length) {
+          this.copiedFindings.set(t, this.curCopied);
+          this.curCopied = [];
+        }
+        this.curCorr = 0;
+      }
+      this.opts.progress?.(j, count);
+      i = j;
+    }
+  }
+
+  private curMsgs: string[] = [];
+  private curCorr = 0;
+  private curCopied: string[] = [];
+
+  /**
+   * check_refcounts_l2 over one table image at buf[base..]: adds `mult` references per data
+   * cluster (exact mode: 1, saturating), statistics times `activeMult`, findings to curMsgs.
+   */
+  private scanL2(buf: Uint8Array, base: number, l2Offset: number, mult: number, activeMult: number, exact: boolean, copied: boolean): void {
+    const img = this.img;
+    const ew = img.l2EntryBytes;
+    const n = img.l2Entries;
+    const cb = this.cb;
+    const cs = this.cs;
+    const ext = img.extendedL2;
+    const fileLen = this.fileLen;
+    const dataFile = img.hasDataFile;
+    const fixErrors = (this.fix & FIX_ERRORS) !== 0;
+    const shiftHi = TWO32 / cs; // cluster index = hi * 2^(32-cb) + (lo >>> cb)
+    let arr = this.arr.a;
+    let limit = this.arr.limit;
+    let alloc = 0;
+    let frag = 0;
+    let comp = 0;
+    let next = 0;
+    const ones = this.storedOne;
+    for (let i = 0; i < n; i++) {
+      const p = base + i * ew;
+      const hi = ((buf[p]! << 24) | (buf[p + 1]! << 16) | (buf[p + 2]! << 8) | buf[p + 3]!) >>> 0;
+      const lo = ((buf[p + 4]! << 24) | (buf[p + 5]! << 16) | (buf[p + 6]! << 8) | buf[p + 7]!) >>> 0;
+      let bhi = 0;
+      let blo = 0;
+      if (ext) {
+        bhi = ((buf[p + 8]! << 24) | (buf[p + 9]! << 16) | (buf[p + 10]! << 8) | buf[p + 11]!) >>> 0;
+        blo = ((buf[p + 12]! << 24) | (buf[p + 13]! << 16) | (buf[p + 14]! << 8) | buf[p + 15]!) >>> 0;
+      }
+      if (hi === 0 && lo === 0 && bhi === 0 && blo === 0) continue;
+      if (hi & L.OFLAG_COMPRESSED_HI) {
+        let ehi = hi;
+        if (hi & L.OFLAG_COPIED_HI) {
+          const mask = (1 << (62 - (cb - 8) - 32)) - 1;
+          this.curMsgs.push(`ERROR: coffset=0x${hx(hi & mask, lo)}: copied flag must never be set for compressed clusters`);
+          ehi = (hi & ~L.OFLAG_COPIED_HI) >>> 0;
+          this.curCorr++;
+        }
+        if (dataFile) {
+          this.curMsgs.push(`ERROR compressed cluster ${i} with data file, entry=0x${hx(ehi, lo)}`);
+          this.curCorr++;
+          continue;
+        }
+        if (bhi || blo) {
+          this.curMsgs.push(`ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${hx(ehi, lo)}`);
+          this.curCorr++;
+          continue;
+        }
+        const sbits = 62 - (cb - 8) - 32;
+        const coff = (ehi & ((1 << sbits) - 1)) * TWO32 + lo;
+        const sectors = ((ehi >>> sbits) & ((1 << (cb - 8)) - 1)) + 1;
+        const csize = sectors * 512 - (lo & 511);
+        this.incData(coff, csize, mult, exact);
+        arr = this.arr.a;
+        limit = this.arr.limit;
+        alloc++;
+        comp++;
+        frag++;
+        continue;
+      }
+      if (lo & L.L2E_RESERVED_LO || hi & L.L2E_RESERVED_HI) {
+        this.curMsgs.push(`ERROR found l2 entry with reserved bits set: ${hx(hi, lo)}`);
+        this.curCorr++;
+      }
+      const ohi = hi & L.OFFSET_MASK_HI;
+      const olo = (lo & L.OFFSET_MASK_LO) >>> 0;
+      const zero = !ext && (lo & L.OFLAG_ZERO_LO) !== 0;
+      if (ohi === 0 && olo === 0) {
+        // ZERO_PLAIN or UNALLOCATED
+        if (!zero && ext && blo) {
+          this.curCorr++;
+          this.curMsgs.push('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+        }
+        continue;
+      }
+      // NORMAL or ZERO_ALLOC
+      const offset = ohi * TWO32 + olo;
+      if (ext && bhi & blo) {
+        this.curCorr++;
+        this.curMsgs.push(`ERROR offset=${hx(ohi, olo)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+      }
+      if (olo & (cs - 1)) {
+        this.curCorr++;
+        const containsData = ext ? blo !== 0 : !zero;
+        if (!containsData) {
+          if (fixErrors) {
+            this.repairable = true;
+            if (exact) {
+              this.curMsgs.push(`Repairing offset=${hx(ohi, olo)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+              const e = new Uint8Array(ew);
+              if (!ext) e[7] = 1;
+              buf.set(e, p);
+              img.file.write(e, l2Offset + i * ew);
+              img.file.flush();
+              this.curCorr--;
+              this.res.corruptionsFixed++;
+              continue;
+            }
+          }
+          this.curMsgs.push(`ERROR offset=${hx(ohi, olo)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+        } else {
+          this.curMsgs.push(`ERROR offset=${hx(ohi, olo)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+        }
+      }
+      alloc++;
+      if (next !== 0 && offset !== next) frag++;
+      next = offset + cs;
+      if (dataFile) {
+        if (copied && !(hi & L.OFLAG_COPIED_HI)) this.curCopied.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${hx(hi, lo)} refcount=1`);
+        continue;
+      }
+      const ci = ohi * shiftHi + Math.floor(olo / cs);
+      if (offset >= fileLen || exact || ci >= arr.length || olo & (cs - 1)) {
+        this.incData(offset, cs, mult, exact);
+        arr = this.arr.a;
+        limit = this.arr.limit;
+      } else {
+        const v = arr[ci]! + mult;
+        if (v > limit) {
+          this.arr.add(ci, mult);
+          arr = this.arr.a;
+          limit = this.arr.limit;
+        } else arr[ci] = v;
+      }
+      if (copied) {
+        // OFLAG_COPIED must be set exactly where the stored refcount is 1.
+        const one = ci < ones!.length * 8 ? (ones![ci >>> 3]! >>> (ci & 7)) & 1 : -1;
+        const isCopied = (hi & L.OFLAG_COPIED_HI) !== 0;
+        if (one === -1 || (one === 1) !== isCopied) {
+          const rc = this.storedQuiet(ci);
+          if (rc >= 0 && (rc === 1) !== isCopied) this.curCopied.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${hx(hi, lo)} refcount=${rc}`);
+        }
+      }
+    }
+    if (activeMult) {
+      this.res.allocatedClusters += alloc * activeMult;
+      this.res.fragmentedClusters += frag * activeMult;
+      this.res.compressedClusters += comp * activeMult;
+    }
+  }
+
+  /** qcow2_inc_refcounts_imrt for a data range found in an L2 table (findings go to curMsgs). */
+  private incData(offset: number, size: number, mult: number, exact: boolean): void {
+    if (offset + size - this.fileLen >= this.cs) {
+      this.curMsgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${numHx(offset)} size 0x${size.toString(16)}`);
+      this.curCorr++;
+      return;
+    }
+    this.incClusters(offset, size, mult, exact, this.curMsgs);
+  }
+
+  private incClusters(offset: number, size: number, mult: number, exact: boolean, out: string[]): void {
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + size - 1) / this.cs);
+    for (let k = first; k <= last; k++) {
+      if (k >= this.nb) this.nb = k + 1;
+      this.arr.ensure(k + 1);
+      if (exact) {
+        if (this.arr.a[k]! >= this.refMax) {
+          out.push(`ERROR: overflow cluster offset=0x${numHx(k * this.cs)}`);
+          out.push('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+          if (out === this.curMsgs) this.curCorr++;
+          else this.res.corruptions++;
+          continue;
+        }
+        this.arr.add(k, 1);
+      } else this.arr.add(k, mult);
+    }
+  }
+
+  /** qcow2_inc_refcounts_imrt for metadata (messages straight to the output). */
+  private inc(offset: number, size: number, exact: boolean, offHex?: string): void {
+    if (size <= 0) return;
+    if (offset + size - this.fileLen >= this.cs) {
+      this.msgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offHex ?? numHx(offset)} size 0x${size.toString(16)}`);
+      this.res.corruptions++;
+      return;
+    }
+    this.incClusters(offset, size, 1, exact, this.msgs);
+  }
+
+  /** The traversal: header, L1 tables and their L2 tables, snapshot table, refcount table, bitmaps. */
+  private replay(exact: boolean): void {
+    const img = this.img;
+    const cs = this.cs;
+    this.inc(0, cs, exact);
+    const scratch = exact ? new Uint8Array(cs) : null;
+    for (const s of this.steps) {
+      if (s.kind === 'msg') {
+        this.msgs.push(s.msg);
+        this.res.corruptions++;
+        continue;
+      }
+      if (s.size === 0) continue;
+      this.inc(s.hi * TWO32 + s.lo, s.size * 8, exact, hx(s.hi, s.lo));
+      const t = s.l1;
+      for (let i = 0; i < s.size; i++) {
+        const hi = u32(t, i * 8);
+        const lo = u32(t, i * 8 + 4);
+        if (hi === 0 && lo === 0) continue;
+        if (hi & L.L1E_RESERVED_HI || lo & L.L1E_RESERVED_LO) {
+          this.msgs.push(`ERROR found L1 entry with reserved bits set: ${hx(hi, lo)}`);
+          this.res.corruptions++;
+        }
+        const ohi = hi & L.OFFSET_MASK_HI;
+        const olo = (lo & L.OFFSET_MASK_LO) >>> 0;
+        const l2 = ohi * TWO32 + olo;
+        this.inc(l2, cs, exact, hx(ohi, olo));
+        if (olo & (cs - 1)) {
+          this.msgs.push(`ERROR l2_offset=${hx(ohi, olo)}: Table is not cluster aligned; L1 entry corrupted`);
+          this.res.corruptions++;
+        }
+        if (exact) {
+          if (l2 < this.fileLen) readAt(img.file, scratch!, l2);
+          else scratch!.fill(0);
+          this.curMsgs = this.msgs;
+          this.curCorr = 0;
+          this.scanL2(scratch!, 0, l2, 1, s.active ? 1 : 0, true, false);
+          this.res.corruptions += this.curCorr;
+          this.curMsgs = [];
+          this.curCorr = 0;
+        } else {
+          const f = this.findings.get(this.tableIndex(l2));
+          if (f) {
+            for (const m of f.msgs) this.msgs.push(m);
+            this.res.corruptions += f.corruptions;
+          }
+        }
+      }
+    }
+    this.inc(img.header.snapshotsOffset, img.snapshotsSize, exact);
+    this.inc(img.reftableOffset, img.reftableClusters * cs, exact);
+    this.bitmaps(exact);
+  }
+
+  private tableIndex(off: number): number {
+    const u = this.uniq;
+    let lo = 0;
+    let hi = u.length - 1;
+    while (lo <= hi) {
+      const m = (lo + hi) >>> 1;
+      const v = u[m]!;
+      if (v === off) return m;
+      if (v < off) lo = m + 1;
+      else hi = m - 1;
+    }
+    return -1;
+  }
+
+  private bitmaps(exact: boolean): void {
+    const b = this.img.header.bitmaps;
+    if (!b || b.nbBitmaps === 0) return;
+    this.inc(b.bitmapDirectoryOffset, b.bitmapDirectorySize, exact);
+    const dirBuf = new Uint8Array(b.bitmapDirectorySize);
+    readAt(this.img.file, dirBuf, b.bitmapDirectoryOffset);
+    let dir;
+    try {
+      dir = decodeBitmapDirectory(dirBuf, b.nbBitmaps, b.bitmapDirectoryOffset);
+    } catch {
+      this.res.corruptions++;
+      throw new CheckAbort('Invalid argument');
+    }
+    for (const bm of dir) {
+      this.inc(bm.bitmapTableOffset, bm.bitmapTableSize * 8, exact);
+      const t = new Uint8Array(bm.bitmapTableSize * 8);
+      readAt(this.img.file, t, bm.bitmapTableOffset);
+      for (let i = 0; i < bm.bitmapTableSize; i++) {
+        const hi = u32(t, i * 8);
+        const lo = u32(t, i * 8 + 4);
+        // Reserved: bits 1-8 and 56-63; with an offset, bit 0 too; offsets are cluster aligned.
+        const ohi = hi & 0x00ffffff;
+        const olo = (lo & 0xfffffe00) >>> 0;
+        const hasOff = ohi !== 0 || olo !== 0;
+        if (hi & 0xff000000 || lo & 0x1fe || (hasOff && (lo & 1 || olo % this.cs))) {
+          this.res.corruptions++;
+          continue;
+        }
+        if (!hasOff) continue;
+        this.inc(ohi * TWO32 + olo, this.cs, exact);
+      }
+    }
+  }
+
+  // ---- check_refblocks ----------------------------------------------------------------------
+
+  private checkRefblocks(): void {
+    const img = this.img;
+    const rt = img.reftable;
+    const cs = this.cs;
+    for (let i = 0; i < img.reftableEntries; i++) {
+      const hi = u32(rt, i * 8);
+      const lo = u32(rt, i * 8 + 4);
+      const offset = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
+      const cluster = Math.floor(offset / cs);
+      if (lo & L.REFT_RESERVED_LO) {
+        this.msgs.push(`ERROR refcount table entry ${i} has reserved bits set`);
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      if (offset % cs) {
+        this.msgs.push(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+        this.res.corruptions++;
+        this.rebuild = true;
+        continue;
+      }
+      if (cluster >= this.nb) {
+        this.res.corruptions++;
+        const fixing = (this.fix & FIX_ERRORS) !== 0;
+        this.msgs.push(`${fixing ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
+        if (fixing) {
+          img.file.truncate(offset + cs);
+          this.fileLen = img.file.size();
+          const newNb = Math.ceil(this.fileLen / cs);
+          this.fileClusters = newNb;
+          if (newNb > this.nb) {
+            this.arr.ensure(newNb + 1);
+            this.nb = newNb;
+          }
+          this.res.corruptions--;
+          this.res.corruptionsFixed++;
+          this.inc(offset, cs, true);
+        }
+        continue;
+      }
+      if (offset !== 0) {
+        this.inc(offset, cs, true);
+        const rc = this.arr.a[cluster]!;
+        if (rc !== 1) {
+          this.msgs.push(`ERROR refcount block ${i} refcount=${rc}`);
+          this.res.corruptions++;
+          this.rebuild = true;
+        }
+      }
+    }
+  }
+
+  // ---- stored refcounts -----------------------------------------------------------------------
+
+  /** The refcount block for reftable index t: bytes, null (none: all zero) or 'err' (unaligned). */
+  private refblock(t: number, cache: boolean): Uint8Array | null | 'err' {
+    const img = this.img;
+    if (t >= img.reftableEntries) return null;
+    const hi = u32(img.reftable, t * 8);
+    const lo = u32(img.reftable, t * 8 + 4);
+    const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
+    if (off === 0) return null;
+    if (off % this.cs) {
+      if (!this.signaled) {
+        this.signaled = true;
+        const fatal = img.file.writable;
+        if (fatal) {
+          // QEMU marks a writable image corrupt on this event (a repair clears the bit again).
+          const f = new Uint8Array(1);
+          readAt(img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
+          f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
+          img.file.write(f, L.H_INCOMPATIBLE_FEATURES + 7);
+          img.file.flush();
+        }
+        const what = `Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`;
+        this.msgs.push(
+          fatal
+            ? `qcow2: Marking image as corrupt: ${what}; further corruption events will be suppressed`
+            : `qcow2: Image is corrupt: ${what}; further non-fatal corruption events will be suppressed`,
+        );
+      }
+      return 'err';
+    }
+    let b = this.blockCache.get(t);
+    if (b) return b;
+    b = new Uint8Array(this.cs);
+    if (off < this.fileLen) readAt(img.file, b, off);
+    if (cache) {
+      if (this.blockCache.size > 4096 && !this.fix) this.blockCache.clear();
+      this.blockCache.set(t, b);
+    }
+    return b;
+  }
+
+  /** qcow2_get_refcount: the stored refcount of cluster ci, or -1 when it cannot be read. */
+  private storedAt(ci: number): number {
+    const bits = this.img.refblockBits;
+    const t = Math.floor(ci / 2 ** bits);
+    const b = this.refblock(t, true);
+    if (b === 'err') return -1;
+    if (b === null) return 0;
+    return getRefcount(b, ci - t * 2 ** bits, this.img.refcountOrder);
+  }
+
+  /** storedAt without signalling corruption (the scan runs before QEMU's first lookup would). */
+  private storedQuiet(ci: number): number {
+    const bits = this.img.refblockBits;
+    const t = Math.floor(ci / 2 ** bits);
+    const b = this.peekRefblock(t);
+    if (b === 'err') return -1;
+    if (b === null) return 0;
+    return getRefcount(b, ci - t * 2 ** bits, this.img.refcountOrder);
+  }
+
+  /** Bit per cluster: stored refcount == 1 (streamed once, for the OFLAG_COPIED checks in the scan). */
+  private loadStoredOnes(): void {
+    const n = this.fileClusters + 1;
+    const ones = new Uint8Array(Math.ceil(n / 8));
+    const per = 2 ** this.img.refblockBits;
+    const order = this.img.refcountOrder;
+    for (let t = 0; t * per < n; t++) {
+      const b = this.peekRefblock(t);
+      if (b === null) continue;
+      if (b === 'err') {
+        this.storedErrBlocks.add(t);
+        continue;
+      }
+      const end = Math.min(per, n - t * per);
+      const base = t * per;
+      if (order === 4) {
+        for (let i = 0; i < end; i++) if (b[2 * i] === 0 && b[2 * i + 1] === 1) ones[(base + i) >>> 3]! |= 1 << ((base + i) & 7);
+      } else {
+        for (let i = 0; i < end; i++) if (getRefcount(b, i, order) === 1) ones[(base + i) >>> 3]! |= 1 << ((base + i) & 7);
+      }
+    }
+    this.storedOne = ones;
+  }
+
+  /** A refblock without caching and without signalling corruption (signalled when QEMU would). */
+  private peekRefblock(t: number): Uint8Array | null | 'err' {
+    const img = this.img;
+    if (t >= img.reftableEntries) return null;
+    const hi = u32(img.reftable, t * 8);
+    const lo = u32(img.reftable, t * 8 + 4);
+    const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
+    if (off === 0) return null;
+    if (off % this.cs) return 'err';
+    const b = this.scratchBlock ?? (this.scratchBlock = new Uint8Array(this.cs));
+    if (off < this.fileLen) readAt(img.file, b, off);
+    else b.fill(0);
+    return b;
+  }
+  private scratchBlock: Uint8Array | null = null;
+
+  /** Writes cluster ci's refcount into its (existing) refcount block. */
+  private writeStored(b: Uint8Array, t: number, i: number, value: number): void {
+    const img = this.img;
+    setRefcount(b, i, img.refcountOrder, value);
+    const hi = u32(img.reftable, t * 8);
+    const lo = u32(img.reftable, t * 8 + 4);
+    const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
+    const bitsPer = 2 ** img.refcountOrder;
+    const first = Math.floor((i * bitsPer) / 8);
+    const bytes = Math.max(1, bitsPer / 8);
+    img.file.write(b.subarray(first, first + bytes), off + first);
+  }
+
+  // ---- compare_refcounts ------------------------------------------------------------------------
+
+  private compare(fix: number): void {
+    const per = 2 ** this.img.refblockBits;
+    const order = this.img.refcountOrder;
+    const nb = this.nb;
+    const a = this.arr.a;
+    let highest = 0;
+    let wrote = false;
+    const discards: number[] = [];
+    for (let t = 0; t * per < nb; t++) {
+      const b = fix ? this.refblock(t, true) : this.refblock(t, false);
+      const base = t * per;
+      const end = Math.min(per, nb - base);
+      if (b === 'err') {
+        for (let i = 0; i < end; i++) {
+          this.msgs.push(`Can't get refcount for cluster ${base + i}: Input/output error`);
+          this.res.checkErrors++;
+        }
+        continue;
+      }
+      for (let i = 0; i < end; i++) {
+        const r1 = b === null ? 0 : order === 4 ? (b[2 * i]! << 8) | b[2 * i + 1]! : getRefcount(b, i, order);
+        const r2 = a[base + i] ?? 0;
+        if (r1 > 0 || r2 > 0) highest = base + i;
+        if (r1 === r2) continue;
+        let fixed: 'leaks' | 'corr' | null = null;
+        if (r1 === 0) this.rebuild = true;
+        else if (r1 > r2 && fix & FIX_LEAKS) fixed = 'leaks';
+        else if (r1 < r2 && fix & FIX_ERRORS) fixed = 'corr';
+        const ci = base + i;
+        this.msgs.push(`${fixed ? 'Repairing' : r1 < r2 ? 'ERROR' : 'Leaked'} cluster ${ci} refcount=${r1} reference=${r2}`);
+        if (fixed && b !== null) {
+          this.writeStored(b, t, i, r2);
+          wrote = true;
+          if (r2 === 0) discards.push(ci);
+          if (fixed === 'leaks') this.res.leaksFixed++;
+          else this.res.corruptionsFixed++;
+          continue;
+        }
+        if (r1 < r2) this.res.corruptions++;
+        else this.res.leaks++;
+      }
+    }
+    if (wrote) this.img.file.flush();
+    if (discards.length) this.discardClusters(discards);
+    this.highest = highest;
+  }
+
+  /**
+   * Freed clusters read back as zeros afterwards, as QEMU's discard (hole punching) leaves them.
+   * Runs after the refcount writes are flushed: nothing references these clusters any more.
+   */
+  private discardClusters(clusters: number[]): void {
+    const cs = this.cs;
+    const zeros = new Uint8Array(Math.min(this.chunk, 1 << 20));
+    let i = 0;
+    while (i < clusters.length) {
+      let j = i + 1;
+      while (j < clusters.length && clusters[j] === clusters[j - 1]! + 1) j++;
+      const start = clusters[i]! * cs;
+      const end = Math.min((clusters[j - 1]! + 1) * cs, this.fileLen);
+      for (let off = start; off < end; off += zeros.length) {
+        this.img.file.write(zeros.subarray(0, Math.min(zeros.length, end - off)), off);
+      }
+      i = j;
+    }
+    this.img.file.flush();
+  }
+
+  // ---- check_oflag_copied -------------------------------------------------------------------------
+
+  /** The streaming form: findings gathered during the scan, emitted in active-L1 order. */
+  private replayCopied(): void {
+    const l1 = this.img.l1;
+    const size = this.img.header.l1Size;
+    for (let i = 0; i < size; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      const ohi = hi & L.OFFSET_MASK_HI;
+      const olo = (lo & L.OFFSET_MASK_LO) >>> 0;
+      if (ohi === 0 && olo === 0) continue;
+      const l2 = ohi * TWO32 + olo;
+      const rc = this.storedAt(Math.floor(l2 / this.cs));
+      if (rc < 0) continue;
+      if ((rc === 1) !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
+        this.res.corruptions++;
+        this.msgs.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${rc}`);
+      }
+      const f = this.copiedFindings.get(this.tableIndex(l2));
+      if (f) {
+        for (const m of f) this.msgs.push(m);
+        this.res.corruptions += f.length;
+      }
+    }
+  }
+
+  /** check_oflag_copied as QEMU runs it: per active L1 entry, re-reading the L2 table (and repairing). */
+  private checkCopied(): void {
+    const img = this.img;
+    const cs = this.cs;
+    const repair = this.fix & FIX_ERRORS ? true : this.fix & FIX_LEAKS ? !this.res.checkErrors && !this.res.corruptions && !this.res.leaks : false;
+    const l1 = img.l1;
+    const size = img.header.l1Size;
+    const ew = img.l2EntryBytes;
+    const t = new Uint8Array(cs);
+    for (let i = 0; i < size; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      const ohi = hi & L.OFFSET_MASK_HI;
+      const olo = (lo & L.OFFSET_MASK_LO) >>> 0;
+      if (ohi === 0 && olo === 0) continue;
+      const l2 = ohi * TWO32 + olo;
+      let rc = this.storedAt(Math.floor(l2 / cs));
+      if (rc < 0) continue;
+      if ((rc === 1) !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
+        this.res.corruptions++;
+        this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${rc}`);
+        if (repair) {
+          const nhi = (rc === 1 ? hi | L.OFLAG_COPIED_HI : hi & ~L.OFLAG_COPIED_HI) >>> 0;
+          l1[i * 8] = nhi >>> 24;
+          img.file.write(l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
+          img.file.flush();
+          this.res.corruptions--;
+          this.res.corruptionsFixed++;
+        }
+      }
+      if (l2 < this.fileLen) readAt(img.file, t, l2);
+      else t.fill(0);
+      let dirty = 0;
+      for (let j = 0; j < img.l2Entries; j++) {
+        const ehi = u32(t, j * ew);
+        const elo = u32(t, j * ew + 4);
+        if (ehi & L.OFLAG_COMPRESSED_HI) continue;
+        const dhi = ehi & L.OFFSET_MASK_HI;
+        const dlo = (elo & L.OFFSET_MASK_LO) >>> 0;
+        if (dhi === 0 && dlo === 0) continue;
+        if (img.hasDataFile) rc = 1;
+        else {
+          rc = this.storedAt(Math.floor((dhi * TWO32 + dlo) / cs));
+          if (rc < 0) continue;
+        }
+        if ((rc === 1) !== ((ehi & L.OFLAG_COPIED_HI) !== 0)) {
+          this.res.corruptions++;
+          this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hx(ehi, elo)} refcount=${rc}`);
+          if (repair) {
+            t[j * ew] = (rc === 1 ? ehi | L.OFLAG_COPIED_HI : ehi & ~L.OFLAG_COPIED_HI) >>> 24;
+            dirty++;
+          }
+        }
+      }
+      if (dirty > 0) {
+        img.file.write(t, l2);
+        img.file.flush();
+        this.res.corruptions -= dirty;
+        this.res.corruptionsFixed += dirty;
+      }
+    }
+  }
+
+  // ---- rebuild_refcount_structure -------------------------------------------------------------------
+
+  /**
+   * Writes a new refcount table and blocks describing exactly the counted references (the old
+   * structures are left in place and freed by the leak pass that follows). New clusters come from
+   * the first free ones in the counted refcounts, as QEMU picks them: nothing references them, so
+   * a crash before the header switch leaves the old structures in charge and at most leaks.
+   * Ordering: refblocks, reftable, flush, then the 12 header bytes in one write, flush.
+   */
+  private rebuildRefcountStructure(): void {
+    const img = this.img;
+    const cs = this.cs;
+    const bits = img.refblockBits;
+    const per = 2 ** bits;
+    this.blockCache.clear();
+    const state = { reftable: [] as number[], entries: 0 };
+    let grown = this.writeRefblocks(0, this.nb, state);
+    let reftableOffset = -1;
+    let reftableClusters = 0;
+    while (grown) {
+      const first = { v: 0 };
+      reftableClusters = Math.ceil((state.entries * 8) / cs);
+      reftableOffset = this.allocImrt(reftableClusters, first);
+      const start = reftableOffset / cs;
+      grown = this.writeRefblocks(start, start + reftableClusters, state);
+    }
+    void per;
+    const table = new Uint8Array(state.entries * 8);
+    for (let i = 0; i < state.entries; i++) {
+      const v = state.reftable[i] ?? 0;
+      const hi = Math.floor(v / TWO32);
+      const lo = v % TWO32;
+      table[i * 8] = hi >>> 24;
+      table[i * 8 + 1] = (hi >>> 16) & 0xff;
+      table[i * 8 + 2] = (hi >>> 8) & 0xff;
+      table[i * 8 + 3] = hi & 0xff;
+      table[i * 8 + 4] = lo >>> 24;
+      table[i * 8 + 5] = (lo >>> 16) & 0xff;
+      table[i * 8 + 6] = (lo >>> 8) & 0xff;
+      table[i * 8 + 7] = lo & 0xff;
+    }
+    img.file.write(table, reftableOffset);
+    img.file.flush();
+    const hdr = new Uint8Array(12);
+    const dv = new DataView(hdr.buffer);
+    dv.setUint32(0, Math.floor(reftableOffset / TWO32));
+    dv.setUint32(4, reftableOffset % TWO32);
+    dv.setUint32(8, reftableClusters);
+    img.file.write(hdr, L.H_REFCOUNT_TABLE_OFFSET);
+    img.file.flush();
+    img.reftableOffset = reftableOffset;
+    img.reftableClusters = reftableClusters;
+    const rt = new Uint8Array(reftableClusters * cs);
+    rt.set(table);
+    img.reftable = rt;
+    this.fileLen = img.file.size();
+    this.fileClusters = Math.ceil(this.fileLen / cs);
+  }
+
+  /** alloc_clusters_imrt: first run of `count` free clusters at or after first.v (may grow nb). */
+  private allocImrt(count: number, first: { v: number }): number {
+    let cluster = first.v;
+    let run = 0;
+    let firstGap = true;
+    const a = () => this.arr.a;
+    for (; cluster < this.nb && run < count; cluster++) {
+      if (!a()[cluster]) {
+        run++;
+        if (firstGap) {
+          first.v = cluster;
+          firstGap = false;
+        }
+      } else if (run) run = 0;
+    }
+    if (run < count) {
+      const n = cluster + count - run;
+      this.arr.ensure(n + 1);
+      this.nb = Math.max(this.nb, n);
+    }
+    cluster -= run;
+    for (let i = 0; i < count; i++) this.arr.set(cluster + i, 1);
+    return cluster * this.cs;
+  }
+
+  /** rebuild_refcounts_write_refblocks: returns true when the reftable had to grow. */
+  private writeRefblocks(firstCluster: number, endCluster: number, state: { reftable: number[]; entries: number }): boolean {
+    const img = this.img;
+    const cs = this.cs;
+    const bits = img.refblockBits;
+    const per = 2 ** bits;
+    const order = img.refcountOrder;
+    let grown = false;
+    const first = { v: 0 };
+    for (let cluster = firstCluster; cluster < endCluster; cluster++) {
+      if (!this.arr.a[cluster]) continue;
+      const idx = Math.floor(cluster / per);
+      const start = idx * per;
+      let off: number;
+      if (state.entries > idx && state.reftable[idx]) off = state.reftable[idx]!;
+      else {
+        if (first.v < start) first.v = start;
+        off = this.allocImrt(1, first);
+        const oc = off / cs;
+        if (oc >= endCluster) endCluster = oc + 1;
+        if (state.entries <= idx) {
+          state.entries = Math.ceil(((idx + 1) * 8) / cs) * (cs / 8);
+          grown = true;
+        }
+        state.reftable[idx] = off;
+      }
+      const block = new Uint8Array(cs);
+      const a = this.arr.a;
+      for (let i = 0; i < per; i++) {
+        const v = a[start + i] ?? 0;
+        if (v) setRefcount(block, i, order, v);
+      }
+      img.file.write(block, off);
+      cluster = start + per - 1;
+    }
+    return grown;
+  }
+
+  // ---- qcow2_mark_clean / qcow2_mark_consistent -----------------------------------------------------
+
+  private markCleanAndConsistent(): void {
+    const img = this.img;
+    const buf = new Uint8Array(8);
+    readAt(img.file, buf, L.H_INCOMPATIBLE_FEATURES);
+    const low = buf[7]!;
+    const mask = (1 << L.INCOMPAT_DIRTY) | (1 << L.INCOMPAT_CORRUPT);
+    if (low & mask) {
+      img.file.flush();
+      buf[7] = low & ~mask;
+      img.file.write(buf.subarray(7, 8), L.H_INCOMPATIBLE_FEATURES + 7);
+      img.file.flush();
+    }
+  }
+}

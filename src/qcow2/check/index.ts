@@ -1,0 +1,157 @@
+// The checker's public API: check(path) -> CheckReport as `qemu-img check` computes it, and
+// repairRefcounts() for an engine that must repair a dirty image it has open read-write.
+
+import { existsSync } from 'node:fs';
+import { QimgError } from '../errors.js';
+import { isQcow2 } from '../format/header.js';
+import { NodeFile, type BlockFile } from '../io/file.js';
+import { resolveBackingPath } from '../engine/open.js';
+import { CheckPass, FIX_ERRORS, FIX_LEAKS, emptyCounts, type CheckCounts, type PassOptions } from './checker.js';
+import { CheckAbort, CheckImage } from './image.js';
+
+export { renderCheckHuman, renderCheckJson, renderCheckJsonArray, renderCheckStderr } from './render.js';
+export { CheckPass, FIX_ERRORS, FIX_LEAKS, type CheckCounts } from './checker.js';
+
+export interface CheckOptions {
+  format?: 'qcow2' | 'raw';
+  /** -r leaks | -r all */
+  repair?: 'leaks' | 'all';
+  /** -U: no locks. */
+  forceShare?: boolean;
+  /** Largest coalesced L2 read (bytes). */
+  chunkBytes?: number;
+  /** Count in traversal order instead of streaming (for tests). */
+  exact?: boolean;
+  /** Program name in error lines (default "qimg"). */
+  prog?: string;
+  progress?: (done: number, total: number) => void;
+}
+
+export interface CheckReport extends CheckCounts {
+  filename: string;
+  format: string;
+  /** stderr lines in order, without newlines (error lines carry the program-name prefix). */
+  messages: string[];
+  /** Set when a repair fixed something: qemu-img prints the "following inconsistencies" block. */
+  repaired: { leaks: number; corruptions: number } | null;
+  /** Whether the report (human block / JSON) is printed; false when the check could not run. */
+  hasReport: boolean;
+  /** The final error line without the program prefix ("Check failed", "Could not open ..."), if any. */
+  error: string | null;
+  /** qemu-img's exit code: 0 clean, 1 failed, 2 corruptions, 3 leaks only, 63 format not checkable. */
+  exitCode: number;
+}
+
+function baseReport(filename: string): CheckReport {
+  return { ...emptyCounts(), filename, format: 'qcow2', messages: [], repaired: null, hasReport: false, error: null, exitCode: 1 };
+}
+
+/** Checks (and with `repair`, repairs) the image at `path` the way `qemu-img check` does. */
+export async function check(path: string, opts: CheckOptions = {}): Promise<CheckReport> {
+  const report = baseReport(path);
+  const writable = opts.repair !== undefined;
+  let file: NodeFile;
+  try {
+    file = NodeFile.open(path, writable);
+  } catch (err) {
+    return fail(report, err);
+  }
+  let lock: { release(): Promise<void> } | null = null;
+  try {
+    if (!opts.forceShare && file.fd !== null) {
+      const { lockImage } = await import('../io/lock.js');
+      lock = await lockImage(file.fd, path, writable ? 'write' : 'read');
+    }
+    return checkFile(file, path, opts, report);
+  } catch (err) {
+    return fail(report, err);
+  } finally {
+    if (lock) await lock.release();
+    file.close();
+  }
+}
+
+function fail(report: CheckReport, err: unknown): CheckReport {
+  if (err instanceof QimgError) {
+    report.error = err.message.startsWith('Could not open') ? err.message : `Could not open '${report.filename}': ${err.message}`;
+    report.exitCode = 1;
+    return report;
+  }
+  throw err;
+}
+
+/** The check on an already open (and locked) file. */
+export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}, report = baseReport(path)): CheckReport {
+  const prog = opts.prog ?? 'qimg';
+  const magic = new Uint8Array(4);
+  const n = file.read(magic, 0);
+  const qcow2 = n === 4 && isQcow2(magic);
+  if (opts.format === 'qcow2' && !qcow2) {
+    report.error = `Could not open '${path}': Image is not in qcow2 format`;
+    return report;
+  }
+  if (opts.format === 'raw' || !qcow2) {
+    report.format = 'raw';
+    report.error = 'This image format does not support checks';
+    report.exitCode = 63;
+    return report;
+  }
+  let img: CheckImage;
+  try {
+    img = CheckImage.open(file, path);
+    const backing = img.header.backingFile;
+    if (backing) {
+      const bp = resolveBackingPath(path, backing);
+      if (!existsSync(bp)) throw new QimgError('NOT_FOUND', `Could not open '${path}': Could not open backing file: Could not open '${bp}': No such file or directory`);
+    }
+  } catch (err) {
+    return fail(report, err);
+  }
+  const fix = opts.repair === 'all' ? FIX_LEAKS | FIX_ERRORS : opts.repair === 'leaks' ? FIX_LEAKS : 0;
+  const msgs = report.messages;
+  const passOpts: PassOptions = { chunkBytes: opts.chunkBytes, prog, progress: opts.progress, exact: opts.exact };
+  let counts: CheckCounts;
+  try {
+    counts = new CheckPass(img, fix, msgs, passOpts).run();
+    if (counts.corruptionsFixed || counts.leaksFixed) {
+      report.repaired = { leaks: counts.leaksFixed, corruptions: counts.corruptionsFixed };
+      const again = new CheckPass(CheckImage.open(file, path), 0, msgs, passOpts).run();
+      again.leaksFixed = counts.leaksFixed;
+      again.corruptionsFixed = counts.corruptionsFixed;
+      counts = again;
+    }
+  } catch (err) {
+    if (err instanceof CheckAbort) {
+      report.error = err.message;
+      report.exitCode = 1;
+      return report;
+    }
+    if (err instanceof QimgError) {
+      report.error = `Check failed: ${err.message}`;
+      report.exitCode = 1;
+      return report;
+    }
+    throw err;
+  }
+  Object.assign(report, counts);
+  report.hasReport = true;
+  if (counts.checkErrors) {
+    report.error = 'Check failed';
+    report.exitCode = 1;
+  } else report.exitCode = counts.corruptions ? 2 : counts.leaks ? 3 : 0;
+  return report;
+}
+
+/**
+ * Repairs the refcounts of an image open read-write (what QEMU does on opening a dirty image):
+ * a full `-r all` pass on `file`. Returns the pass's counters and messages; clears the dirty bit
+ * when the image ends up consistent.
+ */
+export function repairRefcounts(target: BlockFile | { file: BlockFile; filename: string }): { counts: CheckCounts; messages: string[] } {
+  const file = 'file' in target ? target.file : target;
+  const filename = 'file' in target ? target.filename : target.path;
+  const messages: string[] = [];
+  const img = CheckImage.open(file, filename);
+  const counts = new CheckPass(img, FIX_LEAKS | FIX_ERRORS, messages).run();
+  return { counts, messages };
+}

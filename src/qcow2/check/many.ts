@@ -1,0 +1,51 @@
+// Checking several images concurrently on worker threads (at most os.availableParallelism()).
+
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { check, type CheckOptions, type CheckReport } from './index.js';
+
+/** Reports in argument order. One image is checked in this thread; more go to workers. */
+export async function checkMany(paths: string[], opts: CheckOptions = {}, threads = availableParallelism()): Promise<CheckReport[]> {
+  if (paths.length <= 1 || threads <= 1) {
+    const out: CheckReport[] = [];
+    for (const p of paths) out.push(await check(p, opts));
+    return out;
+  }
+  const { progress: _ignored, ...plain } = opts;
+  void _ignored;
+  const n = Math.min(threads, paths.length);
+  const results = new Array<CheckReport>(paths.length);
+  let next = 0;
+  const url = new URL('./worker.js', import.meta.url);
+  await Promise.all(
+    Array.from({ length: n }, async () => {
+      const w = new Worker(url);
+      try {
+        while (next < paths.length) {
+          const id = next++;
+          results[id] = await new Promise<CheckReport>((resolve, reject) => {
+            const onMsg = (m: { id: number; report?: CheckReport; error?: string }) => {
+              w.off('error', reject);
+              if (m.report) resolve(m.report);
+              else reject(new Error(m.error));
+            };
+            w.once('message', onMsg);
+            w.once('error', reject);
+            w.postMessage({ id, path: paths[id], opts: plain });
+          });
+        }
+      } finally {
+        await w.terminate();
+      }
+    }),
+  );
+  return results;
+}
+
+/** Exit code of several checks: the worst, ordered 1 > 63 > 2 > 3 > 0. */
+export function worstExitCode(codes: number[]): number {
+  const rank = (c: number) => (c === 1 ? 5 : c === 63 ? 4 : c === 2 ? 3 : c === 3 ? 2 : c === 0 ? 0 : 5);
+  let worst = 0;
+  for (const c of codes) if (rank(c) > rank(worst)) worst = c;
+  return worst;
+}
