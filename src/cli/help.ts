@@ -68,6 +68,16 @@ export const CATALOGUE: Record<string, Cmd> = {
       ['qimg create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2', 'an overlay, size from its backing file'],
     ],
   },
+  resize: {
+    usage: 'resize [--shrink] [-f FMT] [-q] FILE [+|-]SIZE',
+    desc: 'Change the virtual size of an image (shrinking needs --shrink and frees what lies past the end)',
+    options: [
+      { flags: 'f', desc: 'image format (qcow2 or raw); probed when omitted', type: 'string' },
+      { flags: 'shrink', desc: 'allow a smaller size (data past the new end is lost)', type: 'boolean' },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+    ],
+    examples: [['qimg resize disk.qcow2 +10G', 'grow by 10 GiB']],
+  },
   convert: {
     usage: 'convert [-f FMT] -O raw [-l SNAPSHOT] [-p] [-U] SRC DST',
     desc: 'Copy guest data of an image (or of one of its snapshots) into a sparse raw file',

@@ -11,6 +11,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   snapshot: () => import('./commands/snapshot.js'),
   convert: () => import('./commands/convert.js'),
   create: () => import('./commands/create.js'),
+  resize: () => import('./commands/resize.js'),
 };
 
 export async function main(argv: string[]): Promise<void> {
