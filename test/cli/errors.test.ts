@@ -285,6 +285,12 @@ test('errors: info does not open the backing file; --backing-chain does', async 
   assert.fixture(g.stdout, w.stdout);
   allOf(cases.map((c, i) => [c.slice(0, -1).join(' '), () => {
     const label = c.slice(0, -1).join(' ') + ' (missing backing)';
+    if (c[0] === 'snapshot') {
+      // Deliberate difference: listing snapshots never opens backing files (qemu-img fails here).
+      assert.is(got[i]!.status, 0, `${label}: ${got[i]!.stderr}`);
+      assert.is(got[i]!.stdout, '');
+      return;
+    }
     assert.is(got[i]!.status, want[i]!.status, `${label}: exit code; qemu-img: ${want[i]!.stderr}; qimg: ${got[i]!.stderr}`);
     if (want[i]!.status === 0) assert.fixture(got[i]!.stdout, want[i]!.stdout, label);
     else assertOneLine(got[i]!, 'gone.qcow2', label);

@@ -72,6 +72,32 @@ const SCENARIOS: Array<{ name: string; opts: string; io: string[]; snapshot: boo
       w.writeZeroes(8192, 2048);
     },
   },
+  {
+    name: 'resize: grow past the L1 table, then shrink over data',
+    opts: 'cluster_size=512',
+    io: ['write -P 0x11 0 1M'],
+    snapshot: false,
+    op: (w) => {
+      w.resize(4 << 20); // 512-byte clusters: the L1 table moves to new clusters
+      w.write(pat(0x61, 2048), 3 << 20);
+      w.commit();
+      w.resize(1536 << 10);
+    },
+  },
+  {
+    name: 'convert-like bulk writes with compressed clusters',
+    opts: 'cluster_size=4096,refcount_bits=16',
+    io: [],
+    snapshot: false,
+    op: (w) => {
+      for (let gc = 0; gc < 48; gc++) {
+        const c = pat(gc, 4096);
+        c[gc] = 0xee;
+        if (gc % 3 === 0) w.writeCompressed(gc, c);
+        else w.write(c, gc * 4096);
+      }
+    },
+  },
 ];
 
 for (const s of SCENARIOS) {

@@ -39,6 +39,7 @@ export async function convert(src: string, dst: string, opts: ConvertOptions): P
   }
   const top = await openImage(src, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing });
   try {
+    top.assertReadable(); // before the output file exists
     let source: Layer = top;
     if (opts.snapshot !== undefined) {
       if (!(top instanceof Qcow2Image)) {

@@ -15,4 +15,6 @@ export interface Layer {
   /** The extent starting at `offset`, at most `maxLength` long (maxLength > 0, offset < virtualSize). */
   extent(offset: number, maxLength: number): Extent;
   close(): Promise<void>;
+  /** Throws when guest data cannot be read (an encrypted layer anywhere in the chain). */
+  assertReadable(): void;
 }

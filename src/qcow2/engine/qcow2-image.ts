@@ -22,6 +22,8 @@ export class Qcow2Image implements Layer {
   /** Bit 0 of a standard descriptor means "reads as zero" (v3 without extended L2). */
   readonly zeroFlag: boolean;
   readonly subclusterSize: number;
+  /** Guest clusters live in an external data file (offset 0 is then a valid cluster). */
+  readonly hasDataFile: boolean;
   snapshots: SnapshotEntry[] = [];
   snapshotTableBytes = 0;
   /** The L1 table this view reads through (active, or a snapshot's). */
@@ -47,6 +49,7 @@ export class Qcow2Image implements Layer {
     this.extendedL2 = hasIncompat(header, L.INCOMPAT_EXTL2);
     this.zeroFlag = header.version >= 3 && !this.extendedL2;
     this.l2Entries = l2Entries(this.clusterBits, this.extendedL2);
+    this.hasDataFile = hasIncompat(header, L.INCOMPAT_DATA_FILE);
     this.subclusterSize = this.extendedL2 ? this.clusterSize / L.SUBCLUSTERS_PER_CLUSTER : this.clusterSize;
     this.virtualSize = header.size;
     this.l1 = new Uint8Array(0);
@@ -128,7 +131,8 @@ export class Qcow2Image implements Layer {
       throw new QimgError('BAD_IMAGE', `Snapshot L1 table offset ${hex(sn.l1TableOffset)} is not cluster aligned (snapshot ${sn.id})`);
     }
     view.l1 = this.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
-    view.virtualSize = sn.diskSize ?? this.virtualSize;
+    // Like QEMU's temporary snapshot load: the current size; past the snapshot's tables reads zero.
+    view.virtualSize = this.virtualSize;
     view.close = async () => {};
     return view;
   }
@@ -214,9 +218,9 @@ export class Qcow2Image implements Layer {
           throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has unaligned cluster offset ${hex(host)}`);
         }
         if (!this.extendedL2) {
-          return kind === ClusterKind.Normal
-            ? { kind: PlanKind.Data, length: len, host: host + inCluster }
-            : { kind: PlanKind.Unallocated, length: len, host: 0 };
+          // With an external data file, host offset 0 is a real cluster when COPIED is set.
+          const data = kind === ClusterKind.Normal || (this.hasDataFile && (hi & L.OFLAG_COPIED_HI) !== 0);
+          return data ? { kind: PlanKind.Data, length: len, host: host + inCluster } : { kind: PlanKind.Unallocated, length: len, host: 0 };
         }
         // Extended L2: the run of subclusters with the same state as the first one.
         const alloc = u32(t, idx * ew + 12);
@@ -227,7 +231,7 @@ export class Qcow2Image implements Layer {
         while (end < L.SUBCLUSTERS_PER_CLUSTER && subclusterKind(alloc, zero, end) === state) end++;
         len = Math.min(len, end * this.subclusterSize - inCluster);
         if (state === SubclusterKind.Allocated) {
-          if (host === 0) throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has allocated subclusters but no cluster offset`);
+          if (host === 0 && !this.hasDataFile) throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has allocated subclusters but no cluster offset`);
           return { kind: PlanKind.Data, length: len, host: host + inCluster };
         }
         return { kind: state === SubclusterKind.Zero ? PlanKind.Zero : PlanKind.Unallocated, length: len, host: 0 };
@@ -235,7 +239,16 @@ export class Qcow2Image implements Layer {
     }
   }
 
+  /** Encrypted images are described, never read: qimg holds no keys and has no ciphers. */
+  assertReadable(): void {
+    if (this.header.cryptMethod !== L.CRYPT_NONE) {
+      throw new QimgError('UNSUPPORTED', `Could not open '${this.filename}': the image is encrypted; qimg describes encrypted images but never reads their data`);
+    }
+    this.backing?.assertReadable();
+  }
+
   read(buf: Uint8Array, offset: number): void {
+    if (this.header.cryptMethod !== L.CRYPT_NONE) this.assertReadable();
     let done = 0;
     const end = Math.min(buf.length, Math.max(0, this.virtualSize - offset));
     while (done < end) {

@@ -11,13 +11,16 @@ export class RawImage implements Layer {
     readonly file: BlockFile,
     readonly filename: string,
   ) {
-    this.virtualSize = file.size();
+    // QEMU counts in 512-byte sectors: a file's tail reads as zeros up to the next one.
+    this.virtualSize = Math.ceil(file.size() / 512) * 512;
   }
 
   read(buf: Uint8Array, offset: number): void {
     const n = offset < this.virtualSize ? this.file.read(buf.subarray(0, Math.min(buf.length, this.virtualSize - offset)), offset) : 0;
     if (n < buf.length) buf.fill(0, n);
   }
+
+  assertReadable(): void {}
 
   extent(offset: number, maxLength: number): Extent {
     // Holes are found by the zero scan of the caller; a raw file is all "data" to the mapper.

@@ -53,7 +53,7 @@ export class NodeFile implements BlockFile {
     const st = fs.fstatSync(fd);
     if (st.isDirectory()) {
       fs.closeSync(fd);
-      throw new QimgError('IO', `Could not open '${path}': Is a directory`, { path });
+      throw new QimgError('IO', `Could not open '${path}': 'file' driver requires '${path}' to be a regular file`, { path });
     }
     return new NodeFile(path, fd, writable);
   }
