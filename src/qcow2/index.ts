@@ -8,3 +8,7 @@ export { Qcow2Image } from './engine/qcow2-image.js';
 export { RawImage } from './engine/raw-image.js';
 export { info, listSnapshots, findSnapshot, parseSnapshotSelector, type InfoOptions, type ReadOptions, type SnapshotSelector } from './engine/info.js';
 export { convert, type ConvertOptions } from './engine/convert.js';
+export { createSnapshot, applySnapshot, deleteSnapshot, snapshotFreedBytes, type SnapshotRef, type NewSnapshot } from './engine/snapshots.js';
+export { create, type CreateOptions, type CreateResult } from './engine/create.js';
+export { resize, type ResizeOptions } from './engine/resize.js';
+export { ImageWriter, openWriter } from './engine/writer.js';
