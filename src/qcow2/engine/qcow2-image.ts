@@ -209,8 +209,10 @@ export class Qcow2Image implements Layer {
       case ClusterKind.Compressed:
         return { kind: PlanKind.Compressed, length: len, host: compressedOffset(hi, lo, this.clusterBits), hi, lo, inCluster };
       case ClusterKind.ZeroPlain:
-      case ClusterKind.ZeroAlloc:
         return { kind: PlanKind.Zero, length: len, host: 0 };
+      case ClusterKind.ZeroAlloc:
+        // The preallocated host cluster is not read, but `map` reports it.
+        return { kind: PlanKind.Zero, length: len, host: entryOffset(hi, lo) + inCluster };
       case ClusterKind.Unallocated:
       case ClusterKind.Normal: {
         const host = entryOffset(hi, lo);
@@ -234,7 +236,8 @@ export class Qcow2Image implements Layer {
           if (host === 0 && !this.hasDataFile) throw new QimgError('CORRUPT', `L2 table at ${hex(l2Off)}: entry ${idx} has allocated subclusters but no cluster offset`);
           return { kind: PlanKind.Data, length: len, host: host + inCluster };
         }
-        return { kind: state === SubclusterKind.Zero ? PlanKind.Zero : PlanKind.Unallocated, length: len, host: 0 };
+        if (state === SubclusterKind.Zero) return { kind: PlanKind.Zero, length: len, host: host === 0 ? 0 : host + inCluster };
+        return { kind: PlanKind.Unallocated, length: len, host: 0 };
       }
     }
   }
@@ -297,6 +300,25 @@ export class Qcow2Image implements Layer {
     const data = decompressCluster(input, this.clusterSize, this.header.compressionType, off);
     this.lastCompressed = { offset: off, data };
     return data;
+  }
+
+  /**
+   * How THIS layer alone maps guest bytes at `offset` (one cluster or subcluster run at most):
+   * 'unallocated' (falls through to the backing file), 'zero', 'data' or 'compressed', with the
+   * host offset where there is one (zero clusters keep a preallocated one). For `map`.
+   */
+  mapping(offset: number, maxLength: number): { kind: 'unallocated' | 'zero' | 'data' | 'compressed'; length: number; host: number | null } {
+    const p = this.plan(offset, Math.min(maxLength, this.virtualSize - offset));
+    switch (p.kind) {
+      case PlanKind.Unallocated:
+        return { kind: 'unallocated', length: p.length, host: null };
+      case PlanKind.Zero:
+        return { kind: 'zero', length: p.length, host: p.host === 0 ? null : p.host };
+      case PlanKind.Data:
+        return { kind: 'data', length: p.length, host: p.host };
+      case PlanKind.Compressed:
+        return { kind: 'compressed', length: p.length, host: null };
+    }
   }
 
   extent(offset: number, maxLength: number): Extent {
