@@ -4,27 +4,12 @@ import { QimgError } from '../errors.js';
 import { bitmapFlagNames, decodeBitmapDirectory, BITMAP_DIR_MAX_BYTES } from '../format/bitmaps.js';
 import { hasAutoclear, hasCompat, hasIncompat } from '../format/header.js';
 import * as L from '../format/layout.js';
-import { vmStateSize, type SnapshotEntry } from '../format/snapshot-table.js';
 import { readAt } from '../io/file.js';
 import type { Layer } from './layer.js';
 import { resolveBackingPath } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
-import type { BitmapInfo, ImageInfo, Qcow2Specific, SnapshotInfo } from './types.js';
-
-export function snapshotInfo(e: SnapshotEntry): SnapshotInfo {
-  return {
-    id: e.id,
-    name: e.name,
-    vmStateSize: vmStateSize(e),
-    dateSec: e.dateSec,
-    dateNsec: e.dateNsec,
-    vmClockNsec: Number(e.vmClockNsec),
-    icount: e.icount === null ? null : Number(e.icount),
-    diskSize: e.diskSize,
-    l1TableOffset: e.l1TableOffset,
-    l1Size: e.l1Size,
-  };
-}
+import type { BitmapInfo, ImageInfo, Qcow2Specific } from './types.js';
+import { snapshotInfo } from './snapshot-info.js';
 
 export function describeLayer(layer: Layer): ImageInfo {
   const file = (layer as unknown as { file: { allocatedBytes(): number } }).file;

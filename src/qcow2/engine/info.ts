@@ -2,7 +2,7 @@
 
 import { QimgError } from '../errors.js';
 import * as L from '../format/layout.js';
-import { describeLayer, loadLuksDecoder, snapshotInfo } from './describe.js';
+import { snapshotInfo } from './snapshot-info.js';
 import type { Layer } from './layer.js';
 import { openImage, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
@@ -22,6 +22,8 @@ export interface InfoOptions extends ReadOptions {
 
 /** `qemu-img info`: one ImageInfo, or one per layer with backingChain. */
 export async function info(path: string, opts: InfoOptions = {}): Promise<ImageInfo[]> {
+  // describe.js (bitmaps, LUKS) is loaded here only: `snapshot -l` does not need it.
+  const { describeLayer, loadLuksDecoder } = await import('./describe.js');
   const top = await openImage(path, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing, openBacking: !!opts.backingChain });
   try {
     const out: ImageInfo[] = [];
