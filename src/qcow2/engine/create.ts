@@ -15,7 +15,7 @@ import { setU32, setU64 } from '../format/bytes.js';
 import { buildExtensions, encodeHeader, l1EntriesFor, l2Entries, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
 import { refblockEntries, setRefcount } from '../format/refblock.js';
-import { NodeFile } from '../io/file.js';
+import { type BlockFile, NodeFile } from '../io/file.js';
 import { lockImage, type ImageLock } from '../io/lock.js';
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
@@ -552,7 +552,7 @@ function setSize(file: NodeFile, path: string, size: number, format: string): vo
 }
 
 /** Writes zeros over [offset, offset+length) in large pieces (what preallocation=full/falloc reserve). */
-function zeroFill(file: NodeFile, offset: number, length: number): void {
+function zeroFill(file: BlockFile, offset: number, length: number): void {
   const buf = new Uint8Array(Math.min(WRITE_CHUNK, length));
   for (let done = 0; done < length; ) {
     const n = Math.min(buf.length, length - done);
@@ -582,7 +582,6 @@ async function createRaw(path: string, opts: CreateOptions, size: number, format
 async function createQcow2(path: string, opts: CreateOptions, size: number, formatting: string): Promise<CreateResult> {
   const p = validateQcow2(path, opts, size);
   const plan = planQcow2(p);
-  const cs = 2 ** p.clusterBits;
 
   let data: { file: NodeFile; lock: ImageLock } | null = null;
   const o = await openForCreate(path);
@@ -597,14 +596,7 @@ async function createQcow2(path: string, opts: CreateOptions, size: number, form
       data.file.flush();
     }
     setSize(o.file, path, plan.fileSize, 'qcow2');
-    // Ordering: every table first, flushed, then the header that makes them reachable, flushed.
-    // A crash before the header lands leaves a file without a valid qcow2 header, never one
-    // that points at unwritten tables.
-    writeTables(o.file, p, plan);
-    if (plan.zeroFill) zeroFill(o.file, plan.zeroFill.start * cs, plan.zeroFill.count * cs);
-    o.file.flush();
-    o.file.write(encodeHeader(headerFor(p, plan)), 0);
-    o.file.flush();
+    writeQcow2Layout(o.file, p, plan);
   } catch (err) {
     // A half-written image is worse than none: remove it (QEMU deletes it too).
     try {
@@ -618,6 +610,20 @@ async function createQcow2(path: string, opts: CreateOptions, size: number, form
     await closeLocked(o);
   }
   return { formatting, size: p.size, fileSize: plan.fileSize };
+}
+
+/**
+ * Ordering: every table first, flushed, then the header that makes them reachable, flushed.
+ * A crash before the header lands leaves a file without a valid qcow2 header (it reads as an
+ * empty raw file), never one that points at unwritten tables.
+ */
+export function writeQcow2Layout(file: BlockFile, p: Qcow2Params, plan: Qcow2Plan): void {
+  const cs = 2 ** p.clusterBits;
+  writeTables(file, p, plan);
+  if (plan.zeroFill) zeroFill(file, plan.zeroFill.start * cs, plan.zeroFill.count * cs);
+  file.flush();
+  file.write(encodeHeader(headerFor(p, plan)), 0);
+  file.flush();
 }
 
 export function headerFor(p: Qcow2Params, plan: Qcow2Plan): Header {
@@ -660,7 +666,7 @@ export function headerFor(p: Qcow2Params, plan: Qcow2Plan): Header {
 }
 
 /** Writes the refcount table and blocks, the L1 table and (preallocated) L2 tables in big buffers. */
-function writeTables(file: NodeFile, p: Qcow2Params, plan: Qcow2Plan): void {
+function writeTables(file: BlockFile, p: Qcow2Params, plan: Qcow2Plan): void {
   const cs = 2 ** p.clusterBits;
   const E = refblockEntries(p.clusterBits, p.refcountOrder);
 
@@ -712,7 +718,7 @@ function writeTables(file: NodeFile, p: Qcow2Params, plan: Qcow2Plan): void {
   }
 }
 
-function writeChunked(file: NodeFile, buf: Uint8Array, pos: number): void {
+function writeChunked(file: BlockFile, buf: Uint8Array, pos: number): void {
   for (let done = 0; done < buf.length; done += WRITE_CHUNK) {
     file.write(buf.subarray(done, Math.min(buf.length, done + WRITE_CHUNK)), pos + done);
   }
