@@ -1,13 +1,21 @@
-// Bench entry point: `node dist/bench/run.js [startup|l2|all] [options passed through]`.
+// Bench entry point: `node dist/bench/run.js [startup|l2|all|convert|snapshot] [options passed through]`.
 //
 //   startup  whole-command start-up vs bare Node and qemu-img (bench/startup.ts; --runs N)
 //   l2       benchmark.js suite for L2 classification and refcount get/set (bench/l2-scan.ts; --quick)
 //   all      both, start-up first (the default)
+//   convert  qimg vs qemu-img convert on a generated 1 GiB image (bench/convert.ts; --runs N, --only, --cpu-prof)
+//   snapshot qimg vs qemu-img snapshot -c/-a/-d on a 1 TiB image (bench/snapshot-1t.ts; --runs N, --only, --cpu-prof)
+//
+// convert and snapshot take minutes and write GiBs under /tmp, so `all` leaves them out.
 
+import { convertMain } from './convert.js';
 import { l2Main } from './l2-scan.js';
+import { snapshotMain } from './snapshot-1t.js';
 import { startupMain } from './startup.js';
 
-const USAGE = 'usage: node dist/bench/run.js [startup|l2|all] [--runs N] [--warmup N] [--root DIR] [--quick] [--json]\n';
+const USAGE =
+  'usage: node dist/bench/run.js [startup|l2|all] [--runs N] [--warmup N] [--root DIR] [--quick] [--json]\n' +
+  '       node dist/bench/run.js convert|snapshot [--runs N] [--root DIR] [--only KEYS] [--cpu-prof] [--json]\n';
 
 function main(argv: string[]): number {
   const first = argv[0];
@@ -26,6 +34,12 @@ function main(argv: string[]): number {
       return 0;
     case 'l2':
       l2Main(rest);
+      return 0;
+    case 'convert':
+      convertMain(rest);
+      return 0;
+    case 'snapshot':
+      snapshotMain(rest);
       return 0;
     case 'all':
       startupMain(startupOpts);

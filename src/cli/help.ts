@@ -52,6 +52,21 @@ export const CATALOGUE: Record<string, Cmd> = {
       ['qimg snapshot -a before-upgrade disk.qcow2', 'revert to it'],
     ],
   },
+  check: {
+    usage: 'check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] [-p] FILE...',
+    desc: "Check an image's consistency as qemu-img check does (same findings, report, JSON and exit codes), and repair it",
+    options: [
+      ...READ,
+      { flags: 'output', desc: 'output format', choices: ['human', 'json'] },
+      { flags: 'r', desc: "repair: 'leaks' lowers refcounts that are too high; 'all' also rebuilds the refcount structures", choices: ['leaks', 'all'] },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+      { flags: 'p', desc: 'progress on a terminal', type: 'boolean' },
+    ],
+    examples: [
+      ['qimg check fixtures/demo.qcow2', 'No errors were found on the image.'],
+      ['qimg check --output=json a.qcow2 b.qcow2', 'several images at once, on all cores: a JSON array'],
+    ],
+  },
   create: {
     usage: 'create [-f qcow2|raw] [-o OPTIONS] [-b BACKING -F FMT] [-u] [-q] FILE [SIZE]',
     desc: 'Create a new image exactly as qemu-img create does (same layout, same Formatting line)',
@@ -88,6 +103,61 @@ export const CATALOGUE: Record<string, Cmd> = {
       { flags: 'p', desc: 'show progress on a terminal', type: 'boolean' },
     ],
     examples: [['qimg convert -O raw -l snapshot.name=base fixtures/demo.qcow2 base.raw', 'export a snapshot']],
+  },
+  commit: {
+    usage: 'commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE',
+    desc: "Write an overlay's data into its backing file (or BASE further down), then empty the overlay",
+    options: [
+      ...READ.filter((o) => o.flags !== 'U'),
+      { flags: 'b', desc: 'commit into this layer of the chain (implies -d)', type: 'string' },
+      { flags: 'd', desc: 'do not empty FILE afterwards', type: 'boolean' },
+      { flags: 'p', desc: 'show progress', type: 'boolean' },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+    ],
+    examples: [['qimg commit overlay.qcow2', 'merge an external snapshot into its base']],
+  },
+  rebase: {
+    usage: 'rebase [-f FMT] [-u] -b NEW_BACKING [-F FMT] [-p] [-q] FILE',
+    desc: 'Change the backing file of an image, copying what differs so the guest sees the same data',
+    options: [
+      ...READ.filter((o) => o.flags !== 'U'),
+      { flags: 'b', desc: "the new backing file ('' removes it: flatten)", type: 'string' },
+      { flags: 'F', desc: 'the new backing file format (required unless -b "")', type: 'string' },
+      { flags: 'u', desc: 'unsafe: rewrite the header only', type: 'boolean' },
+      { flags: 'p', desc: 'show progress', type: 'boolean' },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+    ],
+    examples: [['qimg rebase -b base.qcow2 -F qcow2 top.qcow2', 'skip a middle layer safely']],
+  },
+  map: {
+    usage: 'map [--output=human|json] [-f FMT] [-U] FILE',
+    desc: 'Show where each guest range lives in the chain, as qemu-img map does',
+    options: [...READ, { flags: 'output', desc: 'output format', choices: ['human', 'json'] }],
+    examples: [['qimg map --output=json disk.qcow2', 'one JSON object per range']],
+  },
+  compare: {
+    usage: 'compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2',
+    desc: 'Compare the guest contents of two images (exit 0 identical, 1 different, 2 error)',
+    options: [
+      ...READ,
+      { flags: 'F', desc: 'format of FILE2', type: 'string' },
+      { flags: 's', desc: 'strict: sizes and block status must match too', type: 'boolean' },
+      { flags: 'p', desc: 'show progress', type: 'boolean' },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+    ],
+    examples: [['qimg compare a.qcow2 b.raw', 'same guest bytes?']],
+  },
+  chain: {
+    usage: 'chain [--output=human|json] FILE | chain revert FILE --to LAYER [--delete] [-q]',
+    desc: 'Show the backing chain as a tree, or revert FILE to a layer of its chain (a fresh overlay on it)',
+    options: [
+      ...READ,
+      { flags: 'output', desc: 'output format', choices: ['human', 'json'] },
+      { flags: 'to', desc: 'revert: the layer (backing name, path, or #DEPTH)', type: 'string' },
+      { flags: 'delete', desc: 'revert: delete the old FILE and the layers above LAYER', type: 'boolean' },
+      { flags: 'q', desc: 'quiet', type: 'boolean' },
+    ],
+    examples: [['qimg chain revert vm.qcow2 --to base.qcow2', 'back to the external snapshot base']],
   },
 };
 

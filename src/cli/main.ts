@@ -12,6 +12,12 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   convert: () => import('./commands/convert.js'),
   create: () => import('./commands/create.js'),
   resize: () => import('./commands/resize.js'),
+  check: () => import('./commands/check.js'),
+  commit: () => import('./commands/commit.js'),
+  rebase: () => import('./commands/rebase.js'),
+  map: () => import('./commands/map.js'),
+  compare: () => import('./commands/compare.js'),
+  chain: () => import('./commands/chain.js'),
 };
 
 export async function main(argv: string[]): Promise<void> {

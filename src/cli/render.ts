@@ -444,3 +444,68 @@ export function renderInfoChainJson(infos: ImageInfo[]): string {
 export function renderSnapshotsJson(snaps: SnapshotInfo[], freed?: Map<string, number>): string {
   return `${toJson(snaps.map((s) => snapshotDict(s, freed?.get(s.id))), 0)}\n`;
 }
+
+// ---------------------------------------------------------------------------
+// map, compare, chain (qimg's chain tree is its own design; map is qemu-img's byte for byte).
+
+import type { MapEntry } from '../qcow2/engine/map.js';
+import type { ChainLayerInfo } from '../qcow2/engine/chain.js';
+
+/** C's `%#-16x`: `0x` prefix except for zero, left-aligned in 16 columns. */
+function hexCol(n: number): string {
+  return (n === 0 ? '0' : `0x${n.toString(16)}`).padEnd(16);
+}
+
+export const MAP_HUMAN_HEADER = 'Offset          Length          Mapped to       File\n';
+
+/**
+ * `qemu-img map` human rows: only ranges holding data; a data range without a host offset
+ * (compressed) ends the listing with qemu-img's error.
+ */
+export function renderMapHuman(entries: Iterable<MapEntry>): { text: string; error: string | null } {
+  let text = MAP_HUMAN_HEADER;
+  for (const e of entries) {
+    if (e.data && e.offset === null) return { text, error: 'File contains external, encrypted or compressed clusters.' };
+    if (e.data && !e.zero) text += `${hexCol(e.start)}${hexCol(e.length)}${hexCol(e.offset ?? 0)}${e.filename ?? ''}\n`;
+  }
+  return { text, error: null };
+}
+
+function mapEntryJson(e: MapEntry): string {
+  let s = `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}`;
+  if (e.offset !== null) s += `, "offset": ${e.offset}`;
+  return s + '}';
+}
+
+/** `qemu-img map --output=json`: `[` + one object per line joined by `,\n` + `]`. */
+export function renderMapJson(entries: Iterable<MapEntry>): string {
+  const rows: string[] = [];
+  for (const e of entries) rows.push(mapEntryJson(e));
+  return `[${rows.join(',\n')}]\n`;
+}
+
+/** `qimg chain`: the chain as a tree, top first, one line per layer. */
+export function renderChainHuman(layers: ChainLayerInfo[]): string {
+  let out = '';
+  layers.forEach((l, i) => {
+    const prefix = i === 0 ? '' : `${'    '.repeat(i - 1)}└── `;
+    const snaps = l.snapshots > 0 ? `, ${l.snapshots} internal snapshot${l.snapshots === 1 ? '' : 's'}` : '';
+    out += `${prefix}${l.filename} (${l.format}, ${formatVmSize(l.virtualSize)} virtual, ${formatVmSize(l.allocatedBytes)} allocated${snaps})\n`;
+  });
+  return out;
+}
+
+/** `qimg chain --output=json`: an array of layers, top first (4-space indent, as info's JSON). */
+export function renderChainJson(layers: ChainLayerInfo[]): string {
+  const objs = layers.map((l) => ({
+    depth: l.depth,
+    filename: l.filename,
+    format: l.format,
+    'virtual-size': l.virtualSize,
+    'allocated-bytes': l.allocatedBytes,
+    ...(l.backingFilename !== null ? { 'backing-filename': l.backingFilename } : {}),
+    ...(l.backingFormat !== null ? { 'backing-filename-format': l.backingFormat } : {}),
+    snapshots: l.snapshots,
+  }));
+  return `${JSON.stringify(objs, null, 4)}\n`;
+}

@@ -12,3 +12,10 @@ export { createSnapshot, applySnapshot, deleteSnapshot, snapshotFreedBytes, type
 export { create, type CreateOptions, type CreateResult } from './engine/create.js';
 export { resize, type ResizeOptions } from './engine/resize.js';
 export { ImageWriter, openWriter } from './engine/writer.js';
+export { commit, commitOpened, copyAboveBase, makeEmpty, type CommitOptions, type CommitTarget } from './engine/commit.js';
+export { rebase, rewriteBacking, copyDifferences, type RebaseOptions } from './engine/rebase.js';
+export { mapImage, mapFile, layerStatus, chainStatus, type MapEntry, type LayerStatus } from './engine/map.js';
+export { compare, compareLayers, type CompareOptions, type CompareResult } from './engine/compare.js';
+export { describeChain, revertChain, findInChain, type ChainLayerInfo, type RevertOptions, type RevertResult } from './engine/chain.js';
+export { check, checkFile, repairRefcounts, renderCheckHuman, renderCheckJson, renderCheckJsonArray, renderCheckStderr, type CheckOptions, type CheckReport } from './check/index.js';
+export { checkMany, worstExitCode } from './check/many.js';

@@ -9,7 +9,7 @@ import { ImageWriter } from '../../src/qcow2/engine/writer.js';
 import { Refcounts } from '../../src/qcow2/engine/refcounts.js';
 import { MemoryFile } from '../../src/qcow2/io/memory-file.js';
 import { crashSweep, guestBytes, oracleCheck } from '../crash-harness.js';
-import { mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
+import { FIXTURES, mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
 
 function clean(path: string): void {
   const r = qemuImg(['check', '--output=json', path]);
@@ -167,6 +167,25 @@ test('a refcount overflow refuses the operation and leaves the image as it was',
   assert.match(r.stderr, /^qimg: Could not create snapshot 's3': refcount of cluster 0x[0-9a-f]+ would exceed 255\n$/);
   assert.ok(readFileSync(a).equals(before), 'the image changed');
   clean(a);
+});
+
+test('a dirty image is repaired on a read-write open, with the same log and result as qemu-img', () => {
+  const dir = tmpDir();
+  const a = join(dir, 'a.qcow2');
+  const b = join(dir, 'b.qcow2');
+  copyFileSync(join(FIXTURES, 'dirty.qcow2'), a);
+  copyFileSync(join(FIXTURES, 'dirty.qcow2'), b);
+  assert.is(qemuImg(['check', a]).status, 2, 'the fixture is not dirty');
+  const m = qimg(['snapshot', '-c', 'after-crash', a]);
+  const q = qemuImg(['snapshot', '-c', 'after-crash', b]);
+  assert.is(m.status, 0, m.stderr);
+  assert.is(m.stderr, q.stderr);
+  assert.match(m.stderr, /Rebuilding refcount structure/);
+  clean(a);
+  const hdr = readFileSync(a);
+  assert.is(hdr[79]! & 1, 0, 'dirty bit still set');
+  assert.ok(raw(a).equals(raw(b)));
+  assert.ok(raw(a, '1').equals(raw(b, '1')));
 });
 
 // ---------------------------------------------------------------- crash simulation

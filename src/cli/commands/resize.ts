@@ -3,7 +3,7 @@
 import { QimgError } from '../../qcow2/errors.js';
 import { resize } from '../../qcow2/engine/resize.js';
 import { flag, imageFormat, parseArgs, usage } from '../args.js';
-import { writeStdout } from '../output.js';
+import { writeStderr, writeStdout } from '../output.js';
 import { parseSizeOption } from '../size.js';
 
 export async function run(argv: string[]): Promise<number> {
@@ -21,7 +21,7 @@ export async function run(argv: string[]): Promise<number> {
   const sign = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
   const n = parseSizeOption('size', sign === 0 ? sizeText : sizeText.slice(1));
   if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new QimgError('UNSUPPORTED', `Image size ${n} is too large for qimg`);
-  await resize(file, Number(n), sign as 0 | 1 | -1, { format: imageFormat(p), shrink: flag(p, 'shrink') });
+  await resize(file, Number(n), sign as 0 | 1 | -1, { format: imageFormat(p), shrink: flag(p, 'shrink'), onRepair: (m) => writeStderr(m.map((x) => x + '\n').join('')) });
   if (!flag(p, 'quiet')) writeStdout('Image resized.\n');
   return 0;
 }

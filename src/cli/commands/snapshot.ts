@@ -3,7 +3,7 @@
 import { QimgError } from '../../qcow2/errors.js';
 import { listSnapshots } from '../../qcow2/engine/info.js';
 import { COMMON_READ_OPTIONS, flag, imageFormat, last, oneFile, outputFormat, parseArgs, usage } from '../args.js';
-import { writeStdout } from '../output.js';
+import { writeStderr, writeStdout } from '../output.js';
 import { renderSnapshotsJson, renderSnapshotTable } from '../render.js';
 
 const OPTIONS = [
@@ -35,15 +35,16 @@ export async function run(argv: string[]): Promise<number> {
   }
   if (flag(p, 'force-share')) throw usage('snapshot', '-U/--force-share is only allowed with -l: changing an image needs its write lock');
   const s = await import('../../qcow2/engine/snapshots.js');
+  const ops = { onRepair: (m: string[]) => writeStderr(m.map((x) => x + '\n').join('')) };
   if (action === 'create') {
-    await s.createSnapshot(file, { name: last(p, 'create')! });
+    await s.createSnapshot(file, { name: last(p, 'create')! }, ops);
   } else if (action === 'apply') {
-    await s.applySnapshot(file, { idOrName: last(p, 'apply')! });
+    await s.applySnapshot(file, { idOrName: last(p, 'apply')! }, ops);
   } else {
     const id = last(p, 'id');
     const name = last(p, 'delete')!;
     if (id !== undefined && name !== '') throw usage('snapshot', 'Give either a snapshot name or --id ID, not both');
-    await s.deleteSnapshot(file, id !== undefined ? { id } : { name });
+    await s.deleteSnapshot(file, id !== undefined ? { id } : { name }, ops);
   }
   return 0;
 }

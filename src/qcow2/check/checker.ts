@@ -11,7 +11,7 @@
 
 import { decodeBitmapDirectory } from '../format/bitmaps.js';
 import { u32 } from '../format/bytes.js';
-import { getRefcount, maxRefcount, setRefcount } from '../format/refblock.js';
+import { getRefcount as getRefcountStrict, maxRefcount, setRefcount } from '../format/refblock.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, type CheckImage } from './image.js';
@@ -59,10 +59,103 @@ export interface PassOptions {
   exact?: boolean;
 }
 
-const DEFAULT_CHUNK = 8 * 1024 * 1024;
+const DEFAULT_CHUNK = 4 * 1024 * 1024;
 /** Tables closer than this are read together, the gap included. */
 const MAX_GAP = 256 * 1024;
 const TWO32 = 0x100000000;
+
+const EMPTY = new Uint8Array(0);
+const cmpOut: [number, number] = [0, -1];
+
+/** Compares 16-bit stored refcounts with counted ones until the first difference: [stop, highest or -1]. */
+function cmp16(dv: DataView, a: ArrayLike<number>, base: number, end: number): [number, number] {
+  let highest = -1;
+  let i = 0;
+  for (; i < end; i++) {
+    const r1 = dv.getUint16(i * 2);
+    if (r1 !== a[base + i]) break;
+    if (r1 !== 0) highest = base + i;
+  }
+  cmpOut[0] = i;
+  cmpOut[1] = highest;
+  return cmpOut;
+}
+
+/** Sets the bit of every cluster whose 16-bit stored refcount is 1. */
+function ones16(dv: DataView, ones: Uint8Array, base: number, end: number): void {
+  for (let i = 0; i < end; i++) {
+    if (dv.getUint16(i * 2) === 1) {
+      const c = base + i;
+      ones[c >>> 3] = ones[c >>> 3]! | (1 << (c & 7));
+    }
+  }
+}
+
+/**
+ * The streaming hot loop over standard L2 entries starting at buf[p]: handles the common
+ * entries (unallocated, zero, aligned in-file data with no reserved bits and a consistent
+ * OFLAG_COPIED) in int32 arithmetic and returns how many it consumed; the caller takes the next
+ * entry through the general path. st = [allocated, fragmented, next contiguous offset].
+ */
+export function fastRun(
+  dv: DataView,
+  p: number,
+  count: number,
+  arr: ArrayLike<number> & { [i: number]: number },
+  mult: number,
+  limit: number,
+  lowMask: number,
+  cb: number,
+  cs: number,
+  fileClusters: number,
+  ones: Uint8Array,
+  st: Float64Array,
+): number {
+  let alloc = st[0]!;
+  let frag = st[1]!;
+  const next = st[2]!;
+  // Next contiguous cluster: -1 unset (QEMU's 0), -2 after an unaligned entry (never matches).
+  let nextC = next === 0 ? -1 : next % cs === 0 ? next / cs : -2;
+  const checkCopied = ones.length > 0;
+  const alen = Math.min(arr.length, fileClusters);
+  const sh = 32 - cb;
+  const ohMax = 1 << (cb - 1);
+  let i = 0;
+  for (; i < count; i++, p += 8) {
+    const h = dv.getInt32(p);
+    const l = dv.getInt32(p + 4);
+    if ((h | l) === 0) continue;
+    if ((h & 0x7f000000) !== 0 || (l & lowMask) !== 0) break;
+    const oh = h & 0xffffff;
+    if (oh === 0 && (l & ~0x1ff) === 0) continue;
+    if (oh >= ohMax) break;
+    const c = (oh << sh) | (l >>> cb);
+    if (c >= alen) break;
+    const v = arr[c]! + mult;
+    if (v > limit) break;
+    if (checkCopied && ((ones[c >>> 3]! >>> (c & 7)) & 1) !== h >>> 31) break;
+    arr[c] = v;
+    alloc++;
+    if (nextC !== -1 && c !== nextC) frag++;
+    nextC = c + 1;
+  }
+  st[0] = alloc;
+  st[1] = frag;
+  st[2] = nextC === -1 ? 0 : nextC === -2 ? next : nextC * cs;
+  return i;
+}
+
+/** A stored refcount; 64-bit ones past 2^53 come back approximate (see rcText for printing). */
+function getRefcount(b: Uint8Array, i: number, order: number): number {
+  if (order === 6) return u32(b, i * 8) * TWO32 + u32(b, i * 8 + 4);
+  return getRefcountStrict(b, i, order);
+}
+
+/** %PRIu64 of a stored refcount (exact for 64-bit entries). */
+function rcText(v: number, b: Uint8Array | null, i: number, order: number): string {
+  if (order !== 6 || v <= Number.MAX_SAFE_INTEGER || !b) return String(v);
+  return ((BigInt(u32(b, i * 8)) << 32n) | BigInt(u32(b, i * 8 + 4))).toString();
+}
 
 /** %PRIx64 of a (hi, lo) word. */
 function hx(hi: number, lo: number): string {
@@ -114,6 +207,7 @@ export class CheckPass {
   private blockCache = new Map<number, Uint8Array>();
   private highest = 0;
   private rebuild = false;
+  private avoid = new Set<number>();
 
   constructor(
     private readonly img: CheckImage,
@@ -333,6 +427,7 @@ export class CheckPass {
     }
   }
 
+  private fastState = new Float64Array(3);
   private curMsgs: string[] = [];
   private curCorr = 0;
   private curCopied: string[] = [];
@@ -359,8 +454,28 @@ export class CheckPass {
     let comp = 0;
     let next = 0;
     const ones = this.storedOne;
+    // Fast path (standard L2, streaming): an aligned, in-file data cluster with no reserved bits,
+    // all in int32 arithmetic (bit 31 set makes `>>> 0` values leave V8's small-integer range).
+    const fast = !ext && !exact && !dataFile;
+    const lowMask = 0x1fe | ((cs - 1) & ~0x1ff);
+    const fileClusters = this.fileClusters;
+    const dv = fast ? new DataView(buf.buffer, buf.byteOffset, buf.byteLength) : null!;
+    const checkCopied = copied && ones !== null;
+    const st = this.fastState;
     for (let i = 0; i < n; i++) {
-      const p = base + i * ew;
+      let p = base + i * ew;
+      if (fast) {
+        st[0] = alloc;
+        st[1] = frag;
+        st[2] = next;
+        const stop = fastRun(dv, p, n - i, arr, mult, limit, lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st);
+        alloc = st[0]!;
+        frag = st[1]!;
+        next = st[2]!;
+        i += stop;
+        if (i >= n) break;
+        p = base + i * ew;
+      }
       const hi = ((buf[p]! << 24) | (buf[p + 1]! << 16) | (buf[p + 2]! << 8) | buf[p + 3]!) >>> 0;
       const lo = ((buf[p + 4]! << 24) | (buf[p + 5]! << 16) | (buf[p + 6]! << 8) | buf[p + 7]!) >>> 0;
       let bhi = 0;
@@ -392,7 +507,7 @@ export class CheckPass {
         const coff = (ehi & ((1 << sbits) - 1)) * TWO32 + lo;
         const sectors = ((ehi >>> sbits) & ((1 << (cb - 8)) - 1)) + 1;
         const csize = sectors * 512 - (lo & 511);
-        this.incData(coff, csize, mult, exact);
+        this.incData(coff, csize, mult, exact, hx(ehi & ((1 << sbits) - 1), lo));
         arr = this.arr.a;
         limit = this.arr.limit;
         alloc++;
@@ -453,7 +568,7 @@ export class CheckPass {
       }
       const ci = ohi * shiftHi + Math.floor(olo / cs);
       if (offset >= fileLen || exact || ci >= arr.length || olo & (cs - 1)) {
-        this.incData(offset, cs, mult, exact);
+        this.incData(offset, cs, mult, exact, hx(ohi, olo));
         arr = this.arr.a;
         limit = this.arr.limit;
       } else {
@@ -470,7 +585,7 @@ export class CheckPass {
         const isCopied = (hi & L.OFLAG_COPIED_HI) !== 0;
         if (one === -1 || (one === 1) !== isCopied) {
           const rc = this.storedQuiet(ci);
-          if (rc >= 0 && (rc === 1) !== isCopied) this.curCopied.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${hx(hi, lo)} refcount=${rc}`);
+          if (rc >= 0 && (rc === 1) !== isCopied) this.curCopied.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${hx(hi, lo)} refcount=${this.rcStr(ci, rc)}`);
         }
       }
     }
@@ -482,9 +597,9 @@ export class CheckPass {
   }
 
   /** qcow2_inc_refcounts_imrt for a data range found in an L2 table (findings go to curMsgs). */
-  private incData(offset: number, size: number, mult: number, exact: boolean): void {
+  private incData(offset: number, size: number, mult: number, exact: boolean, offHex: string): void {
     if (offset + size - this.fileLen >= this.cs) {
-      this.curMsgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${numHx(offset)} size 0x${size.toString(16)}`);
+      this.curMsgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offHex} size 0x${size.toString(16)}`);
       this.curCorr++;
       return;
     }
@@ -500,7 +615,7 @@ export class CheckPass {
       if (exact) {
         if (this.arr.a[k]! >= this.refMax) {
           out.push(`ERROR: overflow cluster offset=0x${numHx(k * this.cs)}`);
-          out.push('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+          out.push(`Use ${this.prog} amend to increase the refcount entry width or ${this.prog} convert to create a clean copy if the image cannot be opened for writing`);
           if (out === this.curMsgs) this.curCorr++;
           else this.res.corruptions++;
           continue;
@@ -739,6 +854,15 @@ export class CheckPass {
     return getRefcount(b, ci - t * 2 ** bits, this.img.refcountOrder);
   }
 
+  /** A stored refcount for a message: exact even past 2^53. */
+  private rcStr(ci: number, rc: number): string {
+    if (rc <= Number.MAX_SAFE_INTEGER) return String(rc);
+    const bits = this.img.refblockBits;
+    const t = Math.floor(ci / 2 ** bits);
+    const b = this.peekRefblock(t);
+    return b instanceof Uint8Array ? rcText(rc, b, ci - t * 2 ** bits, this.img.refcountOrder) : String(rc);
+  }
+
   /** Bit per cluster: stored refcount == 1 (streamed once, for the OFLAG_COPIED checks in the scan). */
   private loadStoredOnes(): void {
     const n = this.fileClusters + 1;
@@ -754,13 +878,17 @@ export class CheckPass {
       }
       const end = Math.min(per, n - t * per);
       const base = t * per;
-      if (order === 4) {
-        for (let i = 0; i < end; i++) if (b[2 * i] === 0 && b[2 * i + 1] === 1) ones[(base + i) >>> 3]! |= 1 << ((base + i) & 7);
-      } else {
+      if (order === 4) ones16(new DataView(b.buffer, b.byteOffset, b.byteLength), ones, base, end); else {
         for (let i = 0; i < end; i++) if (getRefcount(b, i, order) === 1) ones[(base + i) >>> 3]! |= 1 << ((base + i) & 7);
       }
     }
     this.storedOne = ones;
+  }
+
+  /** For the read-only compare: the scratch block, signalling an unaligned one as QEMU does. */
+  private peekOrSignal(t: number): Uint8Array | null | 'err' {
+    const b = this.peekRefblock(t);
+    return b === 'err' ? this.refblock(t, false) : b;
   }
 
   /** A refblock without caching and without signalling corruption (signalled when QEMU would). */
@@ -803,7 +931,7 @@ export class CheckPass {
     let wrote = false;
     const discards: number[] = [];
     for (let t = 0; t * per < nb; t++) {
-      const b = fix ? this.refblock(t, true) : this.refblock(t, false);
+      const b = fix ? this.refblock(t, true) : this.peekOrSignal(t);
       const base = t * per;
       const end = Math.min(per, nb - base);
       if (b === 'err') {
@@ -813,7 +941,14 @@ export class CheckPass {
         }
         continue;
       }
-      for (let i = 0; i < end; i++) {
+      let i0 = 0;
+      if (b !== null && order === 4 && a.length >= base + end) {
+        // Fast path: 16-bit refcounts, stop at the first difference.
+        const h = cmp16(new DataView(b.buffer, b.byteOffset, b.byteLength), a, base, end);
+        i0 = h[0];
+        if (h[1] >= 0) highest = h[1];
+      }
+      for (let i = i0; i < end; i++) {
         const r1 = b === null ? 0 : order === 4 ? (b[2 * i]! << 8) | b[2 * i + 1]! : getRefcount(b, i, order);
         const r2 = a[base + i] ?? 0;
         if (r1 > 0 || r2 > 0) highest = base + i;
@@ -823,7 +958,7 @@ export class CheckPass {
         else if (r1 > r2 && fix & FIX_LEAKS) fixed = 'leaks';
         else if (r1 < r2 && fix & FIX_ERRORS) fixed = 'corr';
         const ci = base + i;
-        this.msgs.push(`${fixed ? 'Repairing' : r1 < r2 ? 'ERROR' : 'Leaked'} cluster ${ci} refcount=${r1} reference=${r2}`);
+        this.msgs.push(`${fixed ? 'Repairing' : r1 < r2 ? 'ERROR' : 'Leaked'} cluster ${ci} refcount=${rcText(r1, b, i, order)} reference=${r2}`);
         if (fixed && b !== null) {
           this.writeStored(b, t, i, r2);
           wrote = true;
@@ -879,7 +1014,7 @@ export class CheckPass {
       if (rc < 0) continue;
       if ((rc === 1) !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
         this.res.corruptions++;
-        this.msgs.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${rc}`);
+        this.msgs.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${this.rcStr(Math.floor(l2 / this.cs), rc)}`);
       }
       const f = this.copiedFindings.get(this.tableIndex(l2));
       if (f) {
@@ -909,7 +1044,7 @@ export class CheckPass {
       if (rc < 0) continue;
       if ((rc === 1) !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
         this.res.corruptions++;
-        this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${rc}`);
+        this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${this.rcStr(Math.floor(l2 / this.cs), rc)}`);
         if (repair) {
           const nhi = (rc === 1 ? hi | L.OFLAG_COPIED_HI : hi & ~L.OFLAG_COPIED_HI) >>> 0;
           l1[i * 8] = nhi >>> 24;
@@ -934,9 +1069,10 @@ export class CheckPass {
           rc = this.storedAt(Math.floor((dhi * TWO32 + dlo) / cs));
           if (rc < 0) continue;
         }
+        const dci = Math.floor((dhi * TWO32 + dlo) / cs);
         if ((rc === 1) !== ((ehi & L.OFLAG_COPIED_HI) !== 0)) {
           this.res.corruptions++;
-          this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hx(ehi, elo)} refcount=${rc}`);
+          this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hx(ehi, elo)} refcount=${this.rcStr(dci, rc)}`);
           if (repair) {
             t[j * ew] = (rc === 1 ? ehi | L.OFLAG_COPIED_HI : ehi & ~L.OFLAG_COPIED_HI) >>> 24;
             dirty++;
@@ -967,6 +1103,18 @@ export class CheckPass {
     const bits = img.refblockBits;
     const per = 2 ** bits;
     this.blockCache.clear();
+    // Clusters the old reftable still names (even through a broken entry QEMU did not count)
+    // are never reused: until the header switch they are live metadata. QEMU reuses them and
+    // then fails its own overlap check; here the rebuild goes elsewhere and succeeds.
+    this.avoid.clear();
+    const rtOld = img.reftable;
+    for (let i = 0; i < img.reftableEntries; i++) {
+      const hi = u32(rtOld, i * 8);
+      const lo = u32(rtOld, i * 8 + 4);
+      if (hi === 0 && lo === 0) continue;
+      const c = Math.floor((hi * TWO32 + ((lo & ~0x1ff) >>> 0)) / cs);
+      if (c > 0 && !this.arr.a[c]) this.avoid.add(c);
+    }
     const state = { reftable: [] as number[], entries: 0 };
     let grown = this.writeRefblocks(0, this.nb, state);
     let reftableOffset = -1;
@@ -1018,7 +1166,7 @@ export class CheckPass {
     let firstGap = true;
     const a = () => this.arr.a;
     for (; cluster < this.nb && run < count; cluster++) {
-      if (!a()[cluster]) {
+      if (!a()[cluster] && !this.avoid.has(cluster)) {
         run++;
         if (firstGap) {
           first.v = cluster;

@@ -54,7 +54,10 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
   try {
     file = NodeFile.open(path, writable);
   } catch (err) {
-    return fail(report, err);
+    // qemu-img names the file twice: the block layer's message inside its own.
+    if (err instanceof QimgError) report.error = `Could not open '${path}': ${err.message}`;
+    else throw err;
+    return report;
   }
   let lock: { release(): Promise<void> } | null = null;
   try {

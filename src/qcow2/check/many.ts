@@ -2,6 +2,8 @@
 
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import { NodeFile } from '../io/file.js';
+import { lockImage } from '../io/lock.js';
 import { check, type CheckOptions, type CheckReport } from './index.js';
 
 /** Reports in argument order. One image is checked in this thread; more go to workers. */
@@ -11,18 +13,39 @@ export async function checkMany(paths: string[], opts: CheckOptions = {}, thread
     for (const p of paths) out.push(await check(p, opts));
     return out;
   }
-  const { progress: _ignored, ...plain } = opts;
+  const { progress: _ignored, ...rest } = opts;
   void _ignored;
-  const n = Math.min(threads, paths.length);
+  // The lock library is not usable inside workers: this thread takes every image's lock and
+  // holds it while the workers read the files without locking.
+  const plain: CheckOptions = { ...rest, forceShare: true };
   const results = new Array<CheckReport>(paths.length);
+  const held: { file: NodeFile; lock: { release(): Promise<void> } | null }[] = [];
+  const todo: number[] = [];
+  for (let i = 0; i < paths.length; i++) {
+    if (opts.forceShare) {
+      todo.push(i);
+      continue;
+    }
+    let file: NodeFile | null = null;
+    try {
+      file = NodeFile.open(paths[i]!, opts.repair !== undefined);
+      const lock = file.fd !== null ? await lockImage(file.fd, paths[i]!, opts.repair !== undefined ? 'write' : 'read') : null;
+      held.push({ file, lock });
+      todo.push(i);
+    } catch {
+      file?.close();
+      results[i] = await check(paths[i]!, opts); // reports the open or lock failure as qemu-img would
+    }
+  }
+  const n = Math.min(threads, todo.length);
   let next = 0;
   const url = new URL('./worker.js', import.meta.url);
   await Promise.all(
-    Array.from({ length: n }, async () => {
+    Array.from({ length: Math.max(n, 0) }, async () => {
       const w = new Worker(url);
       try {
-        while (next < paths.length) {
-          const id = next++;
+        while (next < todo.length) {
+          const id = todo[next++]!;
           results[id] = await new Promise<CheckReport>((resolve, reject) => {
             const onMsg = (m: { id: number; report?: CheckReport; error?: string }) => {
               w.off('error', reject);
@@ -39,6 +62,10 @@ export async function checkMany(paths: string[], opts: CheckOptions = {}, thread
       }
     }),
   );
+  for (const h of held) {
+    if (h.lock) await h.lock.release();
+    h.file.close();
+  }
   return results;
 }
 

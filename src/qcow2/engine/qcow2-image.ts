@@ -10,6 +10,8 @@ import { readAt, type BlockFile } from '../io/file.js';
 import { decompressCluster } from './decompress.js';
 import type { Extent, Layer } from './layer.js';
 
+/** Bytes read at a time while measuring the snapshot table entry by entry. */
+const SNAPSHOT_SCAN_WINDOW = 64 * 1024;
 /** L2 tables kept decoded at once; bounded so a huge image never grows memory. */
 const L2_CACHE_TABLES = 64;
 
@@ -84,28 +86,45 @@ export class Qcow2Image implements Layer {
   private loadSnapshots(): void {
     const h = this.header;
     if (h.nbSnapshots === 0) return;
-    // Read in growing steps: the table's length is only known by decoding it, and nb_snapshots
-    // is untrusted, so never allocate more than the file can hold or QEMU's 64 MiB cap.
-    const cap = Math.min(L.MAX_SNAPSHOT_TABLE_BYTES, Math.max(0, this.fileSize - h.snapshotsOffset));
-    let want = Math.min(cap, Math.max(h.nbSnapshots * 64, 4096));
-    for (;;) {
-      const buf = new Uint8Array(want);
-      readAt(this.file, buf, h.snapshotsOffset);
-      try {
-        const t = decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset);
-        this.snapshots = t.entries;
-        this.snapshotTableBytes = t.byteLength;
-        return;
-      } catch (err) {
-        if (!(err instanceof QimgError) || !/truncated/.test(err.message) || want >= cap) {
-          if (err instanceof QimgError && /truncated/.test(err.message)) {
-            throw new QimgError('BAD_IMAGE', 'Snapshot table lies past the end of the file', { field: 'snapshots_offset' });
-          }
-          throw err;
-        }
-        want = Math.min(cap, want * 4);
+    // nb_snapshots and every entry's sizes are untrusted: measure the table by walking the
+    // fixed entry headers (as QEMU reads it) before allocating anything for it.
+    const bytes = this.snapshotTableLength();
+    const buf = new Uint8Array(bytes);
+    readAt(this.file, buf, h.snapshotsOffset);
+    const t = decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset);
+    this.snapshots = t.entries;
+    this.snapshotTableBytes = t.byteLength;
+  }
+
+  /** Bytes of the snapshot table; throws QEMU's refusals (too large, past EOF, extra data). */
+  private snapshotTableLength(): number {
+    const h = this.header;
+    const start = h.snapshotsOffset;
+    const window = new Uint8Array(SNAPSHOT_SCAN_WINDOW);
+    let winStart = -1;
+    let winLen = 0;
+    let pos = start;
+    let dataEnd = start;
+    for (let i = 0; i < h.nbSnapshots; i++) {
+      if (pos + L.SN_HEADER_BYTES > this.fileSize) {
+        throw new QimgError('BAD_IMAGE', `Snapshot table lies past the end of the file (entry ${i} at ${hex(pos)})`, { field: 'snapshots_offset' });
       }
+      if (winStart < 0 || pos + L.SN_HEADER_BYTES > winStart + winLen) {
+        winStart = pos;
+        winLen = readAt(this.file, window, pos);
+      }
+      const o = pos - winStart;
+      const extra = u32(window, o + L.SN_EXTRA_DATA_SIZE);
+      if (extra > L.MAX_SNAPSHOT_EXTRA_DATA) throw new QimgError('BAD_IMAGE', `Too much extra metadata in snapshot table entry ${i}`);
+      const idSize = (window[o + L.SN_ID_STR_SIZE]! << 8) | window[o + L.SN_ID_STR_SIZE + 1]!;
+      const nameSize = (window[o + L.SN_NAME_SIZE]! << 8) | window[o + L.SN_NAME_SIZE + 1]!;
+      dataEnd = pos + L.SN_HEADER_BYTES + extra + idSize + nameSize;
+      pos += Math.ceil((L.SN_HEADER_BYTES + extra + idSize + nameSize) / 8) * 8;
+      if (pos - start > L.MAX_SNAPSHOT_TABLE_BYTES) throw new QimgError('BAD_IMAGE', 'Snapshot table too large', { field: 'nb_snapshots' });
     }
+    // The last entry's padding may lie past the end of the file (qemu-img leaves it so).
+    if (dataEnd > this.fileSize) throw new QimgError('BAD_IMAGE', 'Snapshot table lies past the end of the file', { field: 'snapshots_offset' });
+    return pos - start;
   }
 
   /** Reads a table that must lie inside the file (QEMU fails the open otherwise). */

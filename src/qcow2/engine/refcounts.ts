@@ -49,6 +49,12 @@ export class Refcounts {
   private freeHint = 0;
   /** First cluster index past the file and everything allocated. */
   endCluster: number;
+  /**
+   * Clusters holding metadata when the image was opened (header, tables, refcount blocks). A
+   * corrupt refcount of 0 on one must not make the allocator hand it out: like QEMU's overlap
+   * check, the write is refused instead. A cluster freed through add() leaves the set.
+   */
+  private metadata = new Set<number>();
 
   constructor(
     private readonly file: BlockFile,
@@ -64,6 +70,32 @@ export class Refcounts {
     this.reftable = new Uint8Array(reftableClusters * this.clusterSize);
     readAt(file, this.reftable, reftableOffset);
     this.endCluster = Math.ceil(file.size() / this.clusterSize);
+  }
+
+  /** Marks host bytes [offset, offset+bytes) as metadata the allocator must never return. */
+  protect(offset: number, bytes: number): void {
+    if (bytes <= 0) return;
+    const first = Math.floor(offset / this.clusterSize);
+    // Clusters past the end of the file can hold nothing yet; this also bounds the set.
+    const last = Math.min(Math.floor((offset + bytes - 1) / this.clusterSize), this.endCluster - 1);
+    for (let ci = first; ci <= last; ci++) this.metadata.add(ci);
+  }
+
+  /** Protects cluster 0, the refcount table and every refcount block it names. */
+  protectRefcountStructures(): void {
+    this.protect(0, this.clusterSize);
+    this.protect(this.location.offset, this.location.clusters * this.clusterSize);
+    for (let t = 0; t < this.tableEntries; t++) {
+      const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+      if (off !== 0) this.protect(off, this.clusterSize);
+    }
+  }
+
+  private refuseMetadata(ci: number): never {
+    throw new QimgError(
+      'CORRUPT',
+      `refcount of cluster ${hex(ci * this.clusterSize)} is 0 but it holds qcow2 metadata: the refcounts are corrupt; nothing was allocated there (repair with 'qemu-img check -r all')`,
+    );
   }
 
   private get tableEntries(): number {
@@ -106,8 +138,10 @@ export class Refcounts {
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
     if (delta < 0) b.decreased = true;
-    if (v === 0) this.freed.add(ci);
-    else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
+    if (v === 0) {
+      this.freed.add(ci);
+      this.metadata.delete(ci);
+    } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
   }
 
   /** Frees host bytes [offset, offset+bytes): -1 on every cluster they touch. */
@@ -141,6 +175,7 @@ export class Refcounts {
         run++;
       }
       if (run === n) {
+        for (let k = 0; k < n; k++) if (this.metadata.has(ci + k)) this.refuseMetadata(ci + k);
         for (let k = 0; k < n; k++) this.add(ci + k, 1);
         if (n === 1 || ci === this.freeHint) this.freeHint = ci + n;
         return ci * this.clusterSize;
@@ -152,7 +187,7 @@ export class Refcounts {
   /** Allocates exactly clusters [ci, ci+n) if all are free and their blocks exist; else false. */
   tryAllocAt(ci: number, n: number): boolean {
     for (let k = 0; k < n; k++) {
-      if (!this.block(Math.floor((ci + k) / this.perBlock)) || !this.isFree(ci + k)) return false;
+      if (!this.block(Math.floor((ci + k) / this.perBlock)) || !this.isFree(ci + k) || this.metadata.has(ci + k)) return false;
     }
     for (let k = 0; k < n; k++) this.add(ci + k, 1);
     return true;
@@ -325,7 +360,10 @@ export class Refcounts {
         }
         if (d < 0) {
           b.decreased = true;
-          if (v === 0) this.freed.add(ci);
+          if (v === 0) {
+            this.freed.add(ci);
+            this.metadata.delete(ci);
+          }
         } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
       }
       b.dirty = true;
@@ -340,7 +378,12 @@ export class Refcounts {
       if (d === 0) continue;
       const t = Math.floor(ci / this.perBlock);
       if (!this.block(t)) throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but has no refcount block`);
-      const v = rc(ci) + d;
+      const cur = rc(ci);
+      // A reference to a cluster with refcount 0 is a corruption: one more reference would hide it.
+      if (d > 0 && cur === 0) {
+        throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
+      }
+      const v = cur + d;
       if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
     }
   }

@@ -3,12 +3,14 @@
 import { QimgError } from '../errors.js';
 import { closeFile, openLayer, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
-import { ImageWriter } from './writer.js';
+import { writerFor } from './writer.js';
 
 export interface ResizeOptions {
   format?: ImageFormat;
   /** Allow a smaller size: data past the new end is lost. */
   shrink?: boolean;
+  /** Receives the repair log when a dirty image is repaired on open. */
+  onRepair?: (messages: string[]) => void;
 }
 
 /** `size` is absolute, or relative when `relative` is +1/-1. Returns the new size. */
@@ -27,7 +29,7 @@ export async function resize(path: string, size: number, relative: 0 | 1 | -1, o
       );
     }
     if (layer instanceof Qcow2Image) {
-      const w = new ImageWriter(layer);
+      const w = await writerFor(layer, opts.onRepair);
       w.resize(target);
       await w.close();
       done = true;

@@ -14,7 +14,7 @@ import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-tabl
 import type { BackingPolicy } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { Refcounts } from './refcounts.js';
-import { accumulateTree } from './tree.js';
+import { accumulateTree, assertTreeInFile } from './tree.js';
 import { openWriter, type ImageWriter } from './writer.js';
 
 /** How a snapshot is named on the command line. */
@@ -74,7 +74,7 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   w.commit();
   // Refuse before changing anything if a refcount would overflow.
   const deltas = deltaArray(w);
-  accumulateTree(img, img.l1, deltas, +1);
+  accumulateTree(img, img.l1, deltas, +1, true);
   w.refs.validateDeltas(deltas);
   w.clearCopied();
   w.commit();
@@ -133,12 +133,12 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
   if (sn.diskSize !== null && sn.diskSize !== img.virtualSize) w.setVirtualSize(sn.diskSize);
 
   const up = deltaArray(w);
-  accumulateTree(img, snL1, up, +1);
+  accumulateTree(img, snL1, up, +1, true);
   w.refs.applyDeltas(up);
   w.commit();
 
   const down = deltaArray(w);
-  accumulateTree(img, img.l1, down, -1);
+  accumulateTree(img, img.l1, down, -1, true);
   const fresh = snL1.slice();
   for (let i = 0; i < fresh.length; i += 8) fresh[i] = fresh[i]! & 0x7f; // COPIED recomputed below
   w.replaceL1(fresh);
@@ -162,15 +162,19 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   if (!sn) throw new QimgError('NOT_FOUND', `Could not delete snapshot '${what}': snapshot not found`);
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+  // Walk (and so validate) the snapshot's tree before anything changes: a tree that cannot be
+  // read refuses the delete with the file untouched, instead of after the entry is gone.
+  const down = deltaArray(w);
+  accumulateTree(img, snL1, down, -1, true);
+  addL1Clusters(down, sn, img.clusterSize, -1);
+  w.refs.validateDeltas(down);
+  assertTreeInFile(img, img.l1); // the OFLAG_COPIED pass at the end reads the active tree
 
   const entries = img.snapshots.filter((s) => s !== sn);
   w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
   w.commit();
   img.snapshots = entries;
 
-  const down = deltaArray(w);
-  accumulateTree(img, snL1, down, -1);
-  addL1Clusters(down, sn, img.clusterSize, -1);
   w.refs.applyDeltas(down);
   img.dropCaches();
   w.commit();
@@ -187,6 +191,9 @@ function addL1Clusters(deltas: Int32Array, sn: SnapshotEntry, cs: number, d: num
   for (let c = first; c <= last; c++) deltas[c] = deltas[c]! + d;
 }
 
+/** Table entries and clusters snapshotFreedBytes may visit in all (about a second of work). */
+export const FREED_BYTES_WORK_BUDGET = 1 << 25;
+
 /**
  * Bytes deleting each snapshot would free: every host cluster whose refcount would drop to
  * zero (data only it reaches, L2 tables only it references, its own L1 table).
@@ -198,9 +205,24 @@ export function snapshotFreedBytes(img: Qcow2Image): Map<string, number> {
   const refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
   const rc = refs.reader();
   const n = Math.max(refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1;
+  // Snapshots sharing an L1 table free the same bytes; distinct trees cost a walk each, so the
+  // total walk is budgeted and snapshots past the budget get no figure (an image with 65,536
+  // snapshots must still list in seconds).
+  const memo = new Map<string, number>();
+  let work = 0;
   for (const sn of img.snapshots) {
+    const key = `${sn.l1TableOffset}:${sn.l1Size}`;
+    const known = memo.get(key);
+    if (known !== undefined) {
+      out.set(sn.id, known);
+      continue;
+    }
+    work += sn.l1Size + n;
+    if (work > FREED_BYTES_WORK_BUDGET) break;
     const deltas = new Int32Array(n);
     const l1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+    for (let i = 0; i < l1.length; i += 8) if (l1[i + 1] || l1[i + 2] || l1[i + 3] || l1[i + 4] || l1[i + 5] || l1[i + 6]) work += img.l2Entries;
+    if (work > FREED_BYTES_WORK_BUDGET) break;
     accumulateTree(img, l1, deltas, -1);
     addL1Clusters(deltas, sn, img.clusterSize, -1);
     let freed = 0;
@@ -209,6 +231,7 @@ export function snapshotFreedBytes(img: Qcow2Image): Map<string, number> {
       if (d !== 0 && rc(c) + d <= 0) freed++;
     }
     out.set(sn.id, freed * img.clusterSize);
+    memo.set(key, freed * img.clusterSize);
   }
   return out;
 }
@@ -219,8 +242,13 @@ export interface SnapshotWriteOptions {
   backing?: BackingPolicy;
 }
 
-async function withWriter<T>(path: string, rawError: string, fn: (w: ImageWriter) => T): Promise<T> {
-  const w = await openWriter(path, { openBacking: false, rawError });
+export interface SnapshotOpOptions {
+  /** Receives the repair log when a dirty image is repaired on open (qemu-img prints it). */
+  onRepair?: (messages: string[]) => void;
+}
+
+async function withWriter<T>(path: string, rawError: string, opts: SnapshotOpOptions, fn: (w: ImageWriter) => T): Promise<T> {
+  const w = await openWriter(path, { openBacking: false, rawError, onRepair: opts.onRepair });
   try {
     const r = fn(w);
     await w.close();
@@ -234,14 +262,14 @@ async function withWriter<T>(path: string, rawError: string, fn: (w: ImageWriter
   }
 }
 
-export function createSnapshot(path: string, snap: NewSnapshot): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not create snapshot '${snap.name}': -95 (Operation not supported)`, (w) => createSnapshotOn(w, snap));
+export function createSnapshot(path: string, snap: NewSnapshot, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not create snapshot '${snap.name}': -95 (Operation not supported)`, opts, (w) => createSnapshotOn(w, snap));
 }
 
-export function applySnapshot(path: string, ref: SnapshotRef): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not apply snapshot '${describeRef(ref)}': Block driver does not support snapshots`, (w) => applySnapshotOn(w, ref));
+export function applySnapshot(path: string, ref: SnapshotRef, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not apply snapshot '${describeRef(ref)}': Block driver does not support snapshots`, opts, (w) => applySnapshotOn(w, ref));
 }
 
-export function deleteSnapshot(path: string, ref: SnapshotRef): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not delete snapshot '${describeRef(ref)}': snapshot not found`, (w) => deleteSnapshotOn(w, ref));
+export function deleteSnapshot(path: string, ref: SnapshotRef, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
+  return withWriter(path, `Could not delete snapshot '${describeRef(ref)}': snapshot not found`, opts, (w) => deleteSnapshotOn(w, ref));
 }

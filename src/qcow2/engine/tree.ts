@@ -3,7 +3,7 @@
 
 import { QimgError, hex } from '../errors.js';
 import { u32 } from '../format/bytes.js';
-import { compressedByteLength, compressedOffset, entryOffset } from '../format/entries.js';
+import { compressedByteLength, compressedOffset, corruptEntry, entryOffset, l2EntryProblem } from '../format/entries.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
 import type { Qcow2Image } from './qcow2-image.js';
@@ -21,6 +21,13 @@ export function l2Offsets(img: Qcow2Image, l1: Uint8Array): number[] {
     out.push(off);
   }
   return out;
+}
+
+/** Throws unless every L2 table `l1` names lies inside the file (checked before a write starts). */
+export function assertTreeInFile(img: Qcow2Image, l1: Uint8Array): void {
+  for (const off of l2Offsets(img, l1)) {
+    if (off + img.clusterSize > img.fileSize) throw new QimgError('CORRUPT', `L2 table at ${hex(off)} lies past the end of the file`);
+  }
 }
 
 /**
@@ -55,8 +62,17 @@ export function forEachL2(img: Qcow2Image, offsets: number[], visit: (offset: nu
  * per L1 entry naming it, each data cluster once per L2 entry, and every cluster a compressed
  * cluster's sectors touch.
  */
-export function accumulateTree(img: Qcow2Image, l1: Uint8Array, deltas: Int32Array, d: number): void {
+export function accumulateTree(img: Qcow2Image, l1: Uint8Array, deltas: Int32Array, d: number, strict = false): void {
   const cs = img.clusterSize;
+  // Writers refuse trees they would copy or re-count with broken entries (QEMU refuses the
+  // unaligned ones with EIO and marks the image corrupt); readers (freed-bytes) tolerate them.
+  if (strict) {
+    for (let i = 0; i * 8 < l1.length; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      if ((hi & L.L1E_RESERVED_HI) !== 0 || (lo & L.L1E_RESERVED_LO) !== 0) throw corruptEntry('L1 table', 0, i, 'has reserved bits set');
+    }
+  }
   const offsets = l2Offsets(img, l1);
   const uses = new Map<number, number>();
   for (const off of offsets) uses.set(off, (uses.get(off) ?? 0) + 1);
@@ -79,6 +95,10 @@ export function accumulateTree(img: Qcow2Image, l1: Uint8Array, deltas: Int32Arr
         continue;
       }
       const host = entryOffset(hi, lo);
+      if (strict) {
+        const problem = l2EntryProblem(hi, lo, cs, img.extendedL2);
+        if (problem) throw corruptEntry('L2 table', off, e / ew, problem);
+      }
       if (host !== 0) bump(deltas, host / cs, dd);
     }
   });

@@ -44,18 +44,36 @@ export class ImageWriter {
       throw new QimgError('READ_ONLY', `Could not open '${img.filename}': qcow2: Image is corrupt; cannot be opened read/write`);
     }
     if (hasIncompat(h, L.INCOMPAT_DIRTY)) {
-      throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': the image was not cleanly shut down (dirty bit); qimg cannot repair it yet — run 'qemu-img check -r all' first`);
+      // openWriter repairs dirty images first; a writer built directly on one would trust bad refcounts.
+      throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': the image was not cleanly shut down (dirty bit); open it with openWriter() to repair it`);
     }
     if (h.cryptMethod !== L.CRYPT_NONE) throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing encrypted images is not supported`);
     this.header = h;
     this.clusterSize = img.clusterSize;
     this.refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
+    this.protectMetadata();
     // Unknown autoclear bits must be cleared before the first write (spec).
     const known = (1n << BigInt(L.AUTOCLEAR_BITMAPS)) | (1n << BigInt(L.AUTOCLEAR_DATA_FILE_RAW));
     if ((h.autoclearFeatures & ~known) !== 0n) {
       h.autoclearFeatures &= known;
       this.dirtyHeader.push(HDR_FEATURES);
     }
+  }
+
+  /**
+   * QEMU's overlap check, as an allocator rule: clusters that hold metadata now are never handed
+   * out, even when a corrupt refcount says they are free (the operation is refused instead).
+   */
+  private protectMetadata(): void {
+    const { img, refs, header: h } = this;
+    refs.protectRefcountStructures();
+    refs.protect(h.l1TableOffset, h.l1Size * 8);
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+      if (off !== 0) refs.protect(off, img.clusterSize);
+    }
+    refs.protect(h.snapshotsOffset, img.snapshotTableBytes);
+    for (const sn of img.snapshots) if (sn.l1Size <= L.MAX_L1_ENTRIES) refs.protect(sn.l1TableOffset, sn.l1Size * 8);
   }
 
   get file(): BlockFile {
@@ -729,20 +747,51 @@ export interface OpenWriterOptions {
   openBacking?: boolean;
   /** The message for a raw image (each command words it as qemu-img does). */
   rawError?: string;
+  /** Receives the repair log when a dirty image is repaired on open (qemu-img prints it on stderr). */
+  onRepair?: (messages: string[]) => void;
 }
 
-/** Opens a qcow2 image for writing (write lock; backing chain read-only under `backing`). */
+/**
+ * Opens a qcow2 image for writing (write lock; backing chain read-only under `backing`).
+ * A dirty image (not cleanly shut down, lazy refcounts) is repaired first, as QEMU does on a
+ * read-write open: its refcounts are rebuilt from the tables before anything else is written.
+ */
 export async function openWriter(path: string, opts: OpenWriterOptions = {}): Promise<ImageWriter> {
   const { openImage } = await import('./open.js');
-  const img = await openImage(path, { writable: true, backing: opts.backing ?? { follow: 'any' }, openBacking: opts.openBacking });
-  if (!(img instanceof Qcow2Image)) {
-    await img.close();
+  const layer = await openImage(path, { writable: true, backing: opts.backing ?? { follow: 'any' }, openBacking: opts.openBacking });
+  if (!(layer instanceof Qcow2Image)) {
+    await layer.close();
     throw new QimgError('UNSUPPORTED', opts.rawError ?? `'${path}' is not a qcow2 image`);
   }
+  return writerFor(layer, opts.onRepair);
+}
+
+/** An ImageWriter on an image already open read-write (and locked); repairs a dirty image first. */
+export async function writerFor(layer: Qcow2Image, onRepair?: (messages: string[]) => void): Promise<ImageWriter> {
+  let img = layer;
   try {
+    if (hasIncompat(img.header, L.INCOMPAT_DIRTY) && !hasIncompat(img.header, L.INCOMPAT_CORRUPT)) {
+      img = await repairOnOpen(img, onRepair);
+    }
     return new ImageWriter(img);
   } catch (err) {
     await img.close();
     throw err;
   }
+}
+
+async function repairOnOpen(img: Qcow2Image, onRepair?: (messages: string[]) => void): Promise<Qcow2Image> {
+  const { repairRefcounts } = await import('../check/index.js');
+  const { counts, messages } = repairRefcounts({ file: img.file, filename: img.filename });
+  onRepair?.(messages);
+  if (counts.corruptions - counts.corruptionsFixed > 0 || counts.checkErrors) {
+    throw new QimgError('CORRUPT', `Could not open '${img.filename}': the image was not cleanly shut down and its refcounts could not be repaired`);
+  }
+  // The rebuild may have moved the refcount table: read the image afresh from the same file
+  // (same descriptor, so the lock stays), keeping the chain and the lock-releasing close.
+  const fresh = Qcow2Image.open(img.file, img.filename);
+  fresh.backing = img.backing;
+  fresh.dataFile = img.dataFile;
+  fresh.close = img.close.bind(img);
+  return fresh;
 }

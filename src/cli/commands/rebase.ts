@@ -1,0 +1,43 @@
+// `qimg rebase [-f FMT] [-u] -b NEW_BACKING [-F FMT] [-p] [-q] FILE`
+
+import { rebase } from '../../qcow2/engine/rebase.js';
+import { QimgError } from '../../qcow2/errors.js';
+import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, last, oneFile, parseArgs } from '../args.js';
+import { writeStdout } from '../output.js';
+import { progressBar } from '../progress.js';
+
+export async function run(argv: string[]): Promise<number> {
+  const p = parseArgs('rebase', argv, [
+    ...COMMON_READ_OPTIONS.filter((o) => o.key !== 'force-share'),
+    { key: 'backing-file', short: 'b', value: true },
+    { key: 'backing-format', short: 'F', value: true },
+    { key: 'unsafe', short: 'u' },
+    { key: 'progress', short: 'p' },
+    { key: 'quiet', short: 'q' },
+  ]);
+  const file = oneFile('rebase', p);
+  const name = last(p, 'backing-file');
+  const unsafe = flag(p, 'unsafe');
+  if (name === undefined && !unsafe) {
+    throw new QimgError('USAGE', "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'qimg rebase --help' for more information");
+  }
+  const quiet = flag(p, 'quiet');
+  const showProgress = flag(p, 'progress') && !quiet;
+  let lastPct = -1;
+  await rebase(file, {
+    format: imageFormat(p),
+    backingFile: name ?? '',
+    backingFormat: last(p, 'backing-format'),
+    unsafe,
+    backing: backingPolicy(p),
+    progress: showProgress
+      ? (done, total) => {
+          const pct = Math.floor((done / total) * 100);
+          if (pct !== lastPct) writeStdout(progressBar(done, total));
+          lastPct = pct;
+        }
+      : undefined,
+  });
+  if (showProgress) writeStdout('\n');
+  return 0;
+}

@@ -1,0 +1,212 @@
+// `rebase`: give an image a new backing file. Safe mode first copies into the image every range
+// where the old chain and the new backing read differently (and the image has nothing of its own),
+// so the guest sees the same bytes; `-u` only rewrites the header; an empty name flattens.
+//
+// Order: all copied data is committed (ImageWriter.commit: data, tables, flush) BEFORE the header
+// names the new backing file, in one write of the header region. A crash before that write
+// leaves the old backing file in place and the copied clusters merely redundant; after it, the
+// new backing file plus the copies give the same guest bytes.
+
+import { statSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { QimgError } from '../errors.js';
+import { buildExtensions, encodeHeader } from '../format/header.js';
+import type { Layer } from './layer.js';
+import { layersOf } from './chain.js';
+import { BS_ALLOCATED, layerStatus } from './map.js';
+import { openImage, resolveBackingPath, type BackingPolicy, type ImageFormat } from './open.js';
+import type { Qcow2Image } from './qcow2-image.js';
+import { openWriter, type ImageWriter } from './writer.js';
+
+/** Compare buffer (QEMU uses 2 MiB too). */
+const CHUNK = 2 * 1024 * 1024;
+const SECTOR = 512;
+
+export interface RebaseOptions {
+  format?: ImageFormat;
+  /** The new backing file name, stored as given ('' removes the backing file: flatten). */
+  backingFile: string;
+  backingFormat?: string;
+  /** -u: rewrite the header only; the guest then sees whatever the new backing holds. */
+  unsafe?: boolean;
+  backing?: BackingPolicy;
+  progress?: (done: number, total: number) => void;
+}
+
+function checkFormat(name: string, fmt: string | undefined): void {
+  if (name === '') return;
+  if (fmt === undefined) throw new QimgError('USAGE', `Could not change the backing file to '${name}': backing format must be specified`);
+  if (fmt !== 'qcow2' && fmt !== 'raw') throw new QimgError('UNSUPPORTED', `Unknown driver '${fmt}'`);
+}
+
+/**
+ * Rewrites the backing file name and format in the header, after committing everything pending.
+ * The header, its extensions and the name are rewritten as QEMU does, in one write padded with
+ * zeros over the old name's bytes.
+ */
+export function rewriteBacking(w: ImageWriter, name: string | null, format: string | null): void {
+  w.commit();
+  const h = w.header;
+  const oldEnd = Math.max(encodeHeader(h).length, h.backingFile !== null ? h.backingFileOffset + h.backingFileSize : 0);
+  h.backingFile = name;
+  h.backingFormat = name === null ? null : format;
+  h.extensions = buildExtensions(h);
+  const bytes = encodeHeader(h);
+  const region = new Uint8Array(Math.min(w.clusterSize, Math.ceil(Math.max(oldEnd, bytes.length) / SECTOR) * SECTOR));
+  region.set(bytes);
+  w.file.write(region, 0);
+  w.file.flush();
+  const enc = bytes.length;
+  h.backingFileOffset = name === null ? 0 : enc - new TextEncoder().encode(name).length;
+  h.backingFileSize = name === null ? 0 : new TextEncoder().encode(name).length;
+}
+
+function sameFile(a: string, b: string): boolean {
+  try {
+    const x = statSync(a);
+    const y = statSync(b);
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Copies into the top every sector run where `oldTop` (the old chain; null = zeros) and `newTop`
+ * (null = zeros) differ and the top has nothing allocated. `prefix` is the number of old layers
+ * above the new backing when the new backing is itself in the old chain: ranges none of them
+ * allocate are equal by construction and skipped without reading.
+ */
+export function copyDifferences(w: ImageWriter, oldTop: Layer | null, newTop: Layer | null, prefix: Layer[] | null, progress?: (done: number, total: number) => void): void {
+  const top = w.img;
+  const size = top.virtualSize;
+  const a = new Uint8Array(CHUNK);
+  const b = new Uint8Array(CHUNK);
+  let offset = 0;
+  while (offset < size) {
+    let len = Math.min(CHUNK, size - offset);
+    const s = layerStatus(top, offset, len);
+    len = s.length;
+    let skip = (s.flags & BS_ALLOCATED) !== 0;
+    if (!skip && prefix) {
+      skip = true;
+      for (const l of prefix) {
+        if (offset >= l.virtualSize) {
+          skip = false;
+          break;
+        }
+        const ls = layerStatus(l, offset, len);
+        len = ls.length;
+        if (ls.flags & BS_ALLOCATED) {
+          skip = false;
+          break;
+        }
+      }
+    }
+    if (!skip) {
+      // Both sides reading zeros needs no read at all.
+      const oe = oldTop && offset < oldTop.virtualSize ? oldTop.extent(offset, len) : { kind: 'zero' as const, length: len };
+      const ne = newTop && offset < newTop.virtualSize ? newTop.extent(offset, len) : { kind: 'zero' as const, length: len };
+      if (oe.kind === 'zero' && ne.kind === 'zero') {
+        len = Math.max(Math.min(oe.length, ne.length), 1);
+      } else {
+        const x = a.subarray(0, len);
+        const y = b.subarray(0, len);
+        if (oldTop) oldTop.read(x, offset);
+        else x.fill(0);
+        if (newTop) newTop.read(y, offset);
+        else y.fill(0);
+        writeDiffering(w, x, y, offset);
+      }
+    }
+    offset += len;
+    progress?.(offset, size);
+  }
+}
+
+/** Writes the runs of 512-byte sectors where x differs from y (x's bytes). */
+function writeDiffering(w: ImageWriter, x: Uint8Array, y: Uint8Array, offset: number): void {
+  let pos = 0;
+  while (pos < x.length) {
+    const diff = !sectorEqual(x, y, pos);
+    let end = pos + SECTOR;
+    while (end < x.length && !sectorEqual(x, y, end) === diff) end += SECTOR;
+    end = Math.min(end, x.length);
+    if (diff) w.write(x.subarray(pos, end), offset + pos);
+    pos = end;
+  }
+}
+
+function sectorEqual(x: Uint8Array, y: Uint8Array, pos: number): boolean {
+  const end = Math.min(pos + SECTOR, x.length);
+  return Buffer.compare(x.subarray(pos, end), y.subarray(pos, end)) === 0;
+}
+
+/** `qemu-img rebase`. */
+export async function rebase(path: string, opts: RebaseOptions): Promise<void> {
+  const name = opts.backingFile;
+  checkFormat(name, opts.backingFormat);
+  const policy = opts.backing ?? { follow: 'within' };
+  const fmt = name === '' ? null : opts.backingFormat!;
+  if (opts.unsafe) {
+    const w = await openWriter(path, { openBacking: false, rawError: `Could not change the backing file to '${name}': Operation not supported` });
+    try {
+      rewriteBacking(w, name === '' ? null : name, fmt);
+    } catch (err) {
+      await w.abandon();
+      throw err;
+    }
+    await w.close();
+    return;
+  }
+
+  let newTop: Layer | null = null;
+  if (name !== '') {
+    const newPath = resolveBackingPath(path, name);
+    const newPolicy: BackingPolicy = policy.follow === 'within' ? { follow: 'within', roots: [...(policy.roots ?? []), dirname(path), dirname(newPath)] } : policy;
+    // Without locks first: a new chain that contains FILE itself would turn our lock on FILE
+    // into a read lock (POSIX locks are per process), so it is refused before anything is locked.
+    try {
+      const probe = await openImage(newPath, { format: fmt as ImageFormat, forceShare: true, backing: newPolicy });
+      try {
+        if (layersOf(probe).some((l) => sameFile(l.filename, path))) {
+          throw new QimgError('BACKING', `Could not open new backing file '${name}': it is '${path}' itself or backed by it (a loop)`);
+        }
+      } finally {
+        await probe.close();
+      }
+      newTop = await openImage(newPath, { format: fmt as ImageFormat, backing: newPolicy });
+    } catch (err) {
+      if (err instanceof QimgError && !err.message.startsWith('Could not open new backing file')) {
+        throw new QimgError(err.code, `Could not open new backing file '${name}': ${err.message}`, err.data);
+      }
+      throw err;
+    }
+  }
+  let w: ImageWriter;
+  try {
+    w = await openWriter(path, { backing: policy, rawError: `Could not change the backing file to '${name}': Operation not supported` });
+  } catch (err) {
+    await newTop?.close();
+    throw err;
+  }
+  try {
+    const top: Qcow2Image = w.img;
+    top.assertReadable();
+    newTop?.assertReadable();
+    const old = layersOf(top).slice(1);
+    let prefix: Layer[] | null = null;
+    if (newTop) {
+      const k = old.findIndex((l) => sameFile(l.filename, newTop!.filename));
+      if (k >= 0 && old[k]!.format === newTop.format) prefix = old.slice(0, k);
+    }
+    copyDifferences(w, top.backing, newTop, prefix, opts.progress);
+    rewriteBacking(w, name === '' ? null : name, fmt);
+  } catch (err) {
+    await w.abandon();
+    await newTop?.close();
+    throw err;
+  }
+  await w.close();
+  await newTop?.close();
+}

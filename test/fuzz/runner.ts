@@ -1,0 +1,235 @@
+// The fuzz runner: a child process that runs a range of cases in-process through the library
+// (what each CLI command calls) and reports one JSON line per case on stdout.
+//
+// The parent (harness.ts) spawns it with a heap cap and a per-case watchdog: a `start` line
+// without its `done` line within the time limit means the case hung, and the parent restarts
+// the runner after it. Each case's peak RSS is checked here, after the case, against the cap.
+
+import { createHash } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { QimgError } from '../../src/qcow2/errors.js';
+import { info, listSnapshots } from '../../src/qcow2/engine/info.js';
+import { convert } from '../../src/qcow2/engine/convert.js';
+import { createSnapshot, deleteSnapshot } from '../../src/qcow2/engine/snapshots.js';
+import { resize } from '../../src/qcow2/engine/resize.js';
+import { renderInfoHuman, renderInfoJson, renderSnapshotTable, renderSnapshotsJson } from '../../src/cli/render.js';
+import { makeCase, parseLayout, type Layout } from './mutate.js';
+
+export interface RunnerConfig {
+  seedDir: string;
+  seeds: string[];
+  runSeed: number;
+  from: number;
+  to: number;
+  /** Run the write commands on copies (and judge them with qemu-img check). */
+  writes: boolean;
+  /** Run the write commands on every Nth case only (1: all). */
+  writeEvery?: number;
+  /** RSS cap in MiB: a case that pushes the process peak above it is a finding. */
+  memCapMiB: number;
+  /** A single command taking longer than this is a finding (the parent kills real hangs). */
+  opLimitMs: number;
+  /** Write each finding's image here (long runs). */
+  saveDir?: string;
+}
+
+export interface Finding {
+  index: number;
+  seed: string;
+  steps: string[];
+  op: string;
+  kind: 'crash' | 'message' | 'exit-code' | 'slow' | 'memory' | 'timeout' | 'died' | 'write-damage' | 'convert-output' | 'cli-stderr' | 'seed-changed';
+  detail: string;
+}
+
+type CheckFn = (path: string) => Promise<{ exitCode: number; messages: string[]; error: string | null }>;
+type CheckRender = (r: never) => string;
+
+async function loadCheck(): Promise<{ check: CheckFn; render: CheckRender[] } | null> {
+  try {
+    const m = (await import('../../src/qcow2/check/index.js')) as unknown as Record<string, unknown>;
+    if (typeof m.check !== 'function') return null;
+    const render = ['renderCheckHuman', 'renderCheckJson', 'renderCheckStderr'].map((k) => m[k]).filter((f): f is CheckRender => typeof f === 'function');
+    return { check: m.check as CheckFn, render };
+  } catch {
+    return null;
+  }
+}
+
+function sha(path: string): string {
+  return existsSync(path) ? createHash('sha256').update(readFileSync(path)).digest('hex') : 'missing';
+}
+
+/** qemu-img check's corruption count, or null when qemu-img cannot check the image at all. Without -U:
+ * qemu-img -U follows a backing file naming the image itself until it times out; with locks it refuses. */
+export function qemuCorruptions(path: string): number | null {
+  const r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', timeout: 3000, killSignal: 'SIGKILL' });
+  try {
+    const j = JSON.parse(r.stdout) as { corruptions?: number; 'check-errors'?: number };
+    return (j.corruptions ?? 0) + (j['check-errors'] ?? 0);
+  } catch {
+    return null;
+  }
+}
+
+/** qemu-img's corruption count after it runs the same write command on the same input. */
+function qemuSameOp(bytes: Uint8Array, path: string, args: string[]): number | null {
+  const copy = path + '.qemu.qcow2';
+  writeFileSync(copy, bytes);
+  try {
+    const a = args.includes(path) ? args.map((x) => (x === path ? copy : x)) : [...args, copy];
+    spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 3000, killSignal: 'SIGKILL' });
+    return qemuCorruptions(copy);
+  } finally {
+    rmSync(copy, { force: true });
+  }
+}
+
+const BAD_MESSAGE = /undefined|NaN|\[object |Infinity/;
+
+function emit(o: unknown): void {
+  process.stdout.write(JSON.stringify(o) + '\n');
+}
+
+async function main(): Promise<void> {
+  const cfg = JSON.parse(process.argv[2]!) as RunnerConfig;
+  const seeds = cfg.seeds.map((name) => {
+    const bytes = new Uint8Array(readFileSync(join(cfg.seedDir, name)));
+    return { name, bytes, layout: parseLayout(bytes) as Layout };
+  });
+  const checkMod = await loadCheck();
+  const capKiB = cfg.memCapMiB * 1024;
+
+  for (let i = cfg.from; i < cfg.to; i++) {
+    emit({ start: i });
+    const t0 = Date.now();
+    const selfName = `case-${i}.qcow2`;
+    const path = join(cfg.seedDir, selfName);
+    const c = makeCase(seeds, cfg.runSeed, i, selfName);
+    const findings: Finding[] = [];
+    const note = (op: string, kind: Finding['kind'], detail: string) => findings.push({ index: i, seed: c.seed, steps: c.steps, op, kind, detail });
+    const isQcow2 = c.bytes.length >= 4 && c.bytes[0] === 0x51 && c.bytes[1] === 0x46 && c.bytes[2] === 0x49 && c.bytes[3] === 0xfb;
+
+    /** Runs one command: QimgError is an answer, anything else a finding. */
+    const guarded = async (op: string, fn: () => Promise<unknown>): Promise<'ok' | 'refused' | 'crashed'> => {
+      const s = Date.now();
+      try {
+        await fn();
+        return 'ok';
+      } catch (err) {
+        if (err instanceof QimgError) {
+          if (BAD_MESSAGE.test(err.message)) note(op, 'message', err.message);
+          return 'refused';
+        }
+        const e = err as Error;
+        note(op, 'crash', `${e?.name}: ${e?.message}\n${(e?.stack ?? '').split('\n').slice(1, 6).join('\n')}`);
+        return 'crashed';
+      } finally {
+        const ms = Date.now() - s;
+        if (ms > cfg.opLimitMs) note(op, 'slow', `${ms} ms`);
+      }
+    };
+
+    writeFileSync(path, c.bytes);
+    const out = join(cfg.seedDir, `case-${i}.out`);
+    try {
+      await guarded('info', async () => {
+        const infos = await info(path);
+        renderInfoHuman(infos[0]!);
+        renderInfoJson(infos[0]!);
+      });
+      await guarded('snapshot -l', async () => {
+        const { snaps, freed } = await listSnapshots(path, { freedBytes: true });
+        renderSnapshotTable(snaps, freed ? { freed } : {});
+        renderSnapshotsJson(snaps, freed ?? undefined);
+      });
+      if (checkMod) {
+        await guarded('check', async () => {
+          const r = await checkMod.check(path);
+          for (const f of checkMod.render) f(r as never);
+          const allowed = isQcow2 ? [0, 1, 2, 3] : [0, 1, 2, 3, 63];
+          if (!allowed.includes(r.exitCode)) note('check', 'exit-code', `exit ${r.exitCode}: ${r.error}`);
+          if (r.error && BAD_MESSAGE.test(r.error)) note('check', 'message', r.error);
+        });
+      }
+      await guarded('convert -O raw', () => convert(path, out, { outputFormat: 'raw' }));
+      rmSync(out, { force: true });
+
+      if (cfg.writes && i % (cfg.writeEvery ?? 1) === 0) {
+        let before: number | null | undefined;
+        const corruptionsBefore = () => {
+          if (before === undefined) {
+            writeFileSync(path, c.bytes);
+            before = qemuCorruptions(path);
+          }
+          return before;
+        };
+        const original = createHash('sha256').update(c.bytes).digest('hex');
+        const writeOps: Array<[string, () => Promise<unknown>, string[]]> = [
+          ['snapshot -c', () => createSnapshot(path, { name: 'fuzz' }), ['snapshot', '-c', 'fuzz']],
+          ['resize +1M', () => resize(path, 1024 * 1024, 1), ['resize', '-f', 'qcow2', path, '+1M']],
+        ];
+        const names = snapshotNames(c.bytes);
+        if (names.length) writeOps.push(['snapshot -d', () => deleteSnapshot(path, { name: names[0]! }), ['snapshot', '-d', names[0]!]]);
+        for (const [op, fn, qemuArgs] of writeOps) {
+          writeFileSync(path, c.bytes);
+          const res = await guarded(op, fn);
+          if (res === 'crashed') continue;
+          if (sha(path) === original) continue; // refused (or a no-op) with the file unchanged
+          // Changed: it must be no worse than before by qemu-img's count.
+          const after = qemuCorruptions(path);
+          const b = corruptionsBefore();
+          if (b === null) continue; // qemu-img cannot check the input: nothing to compare with
+          if (after !== null && after <= b) continue;
+          // Worse by the count: still fine if qemu-img doing the same leaves it as bad (a snapshot
+          // of a tree with a bad L2 entry repeats that entry's error once per L1 reaching it).
+          const q = qemuSameOp(c.bytes, path, qemuArgs);
+          if (q === null ? after === null : after !== null && after <= q) continue;
+          note(op, 'write-damage', `${res}; qemu-img check corruptions before ${b}, after ${after ?? 'cannot check'} (after qemu-img ${op}: ${q ?? 'cannot check'})`);
+        }
+        writeFileSync(path, c.bytes);
+        const res = await guarded('convert -O qcow2', () => convert(path, out, { outputFormat: 'qcow2' }));
+        if (res === 'ok') {
+          const n = qemuCorruptions(out);
+          if (n !== 0) note('convert -O qcow2', 'convert-output', `qemu-img check of the output: ${n ?? 'cannot check'}`);
+        }
+        rmSync(out, { force: true });
+      }
+    } finally {
+      rmSync(out, { force: true });
+    }
+    const rssKiB = process.resourceUsage().maxRSS;
+    if (rssKiB > capKiB) note('all', 'memory', `peak RSS ${Math.round(rssKiB / 1024)} MiB > ${cfg.memCapMiB} MiB`);
+    if (findings.length && cfg.saveDir) writeFileSync(join(cfg.saveDir, `finding-${cfg.runSeed}-${i}.qcow2`), c.bytes);
+    rmSync(path, { force: true });
+    emit({ done: i, ms: Date.now() - t0, rssKiB, findings });
+    // The peak only grows: after a memory finding, a fresh process judges the next cases.
+    if (rssKiB > capKiB) process.exit(0);
+  }
+  emit({ end: true, maxRSSKiB: process.resourceUsage().maxRSS });
+}
+
+/** Names in the (unmutated-enough) snapshot table, read leniently; [] when unreadable. */
+function snapshotNames(b: Uint8Array): string[] {
+  try {
+    const u32 = (o: number) => ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
+    const nb = u32(60);
+    const off = u32(64) * 0x100000000 + u32(68);
+    if (nb === 0 || nb > 64 || off + 40 > b.length) return [];
+    const idSize = (b[off + 12]! << 8) | b[off + 13]!;
+    const nameSize = (b[off + 14]! << 8) | b[off + 15]!;
+    const extra = u32(off + 36);
+    const start = off + 40 + extra + idSize;
+    if (extra > 1024 || start + nameSize > b.length) return [];
+    return [new TextDecoder().decode(b.subarray(start, start + nameSize))];
+  } catch {
+    return [];
+  }
+}
+
+main().catch((err) => {
+  emit({ fatal: String((err as Error)?.stack ?? err) });
+  process.exit(70);
+});
