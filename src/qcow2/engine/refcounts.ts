@@ -137,7 +137,10 @@ export class Refcounts {
     if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
-    if (delta < 0) b.decreased = true;
+    if (delta < 0) {
+      b.decreased = true;
+      this.fullBlocks.delete(t);
+    }
     if (v === 0) {
       this.freed.add(ci);
       this.metadata.delete(ci);
@@ -167,6 +170,13 @@ export class Refcounts {
         this.createBlock(t);
         continue;
       }
+      // Jump to the next entry reading 0 with a tight scan of the block (full blocks are skipped).
+      const next = this.nextZero(t, ci);
+      if (next < 0) {
+        ci = (t + 1) * this.perBlock;
+        continue;
+      }
+      ci = next;
       let run = 0;
       while (run < n && this.isFree(ci + run)) {
         const tt = Math.floor((ci + run) / this.perBlock);
@@ -182,6 +192,28 @@ export class Refcounts {
       }
       ci += run + 1;
     }
+  }
+
+  /** Blocks with no entry reading 0: the allocator's scan skips them (a decrease clears the mark). */
+  private fullBlocks = new Set<number>();
+
+  /** The first cluster >= `from` in block `t` whose refcount reads 0 and may be handed out, or -1. */
+  private nextZero(t: number, from: number): number {
+    if (this.fullBlocks.has(t)) return -1;
+    const b = this.block(t)!;
+    const mem = b.mem;
+    const base = t * this.perBlock;
+    const order = this.refcountOrder;
+    let i = from - base;
+    const end = this.perBlock;
+    for (; i < end; i++) {
+      let zero: boolean;
+      if (order === 4) zero = mem[i * 2] === 0 && mem[i * 2 + 1] === 0;
+      else zero = getRefcount(mem, i, order) === 0;
+      if (zero && !this.freed.has(base + i)) return base + i;
+    }
+    if (from === base) this.fullBlocks.add(t);
+    return -1;
   }
 
   /** Allocates exactly clusters [ci, ci+n) if all are free and their blocks exist; else false. */
@@ -311,7 +343,10 @@ export class Refcounts {
       b.decreased = false;
     }
     this.evictClean();
-    for (const ci of this.freed) if (ci < this.freeHint) this.freeHint = ci;
+    for (const ci of this.freed) {
+      if (ci < this.freeHint) this.freeHint = ci;
+      this.fullBlocks.delete(Math.floor(ci / this.perBlock)); // allocatable again from now on
+    }
     this.freed.clear();
   }
 
@@ -327,22 +362,10 @@ export class Refcounts {
    */
   applyDeltas(deltas: Int32Array): void {
     this.validateDeltas(deltas);
-    const per = this.perBlock;
     const order = this.refcountOrder;
-    for (let t = 0; t * per < deltas.length; t++) {
-      const base = t * per;
-      const end = Math.min(deltas.length, base + per);
-      let any = false;
-      for (let ci = base; ci < end; ci++) {
-        if (deltas[ci] !== 0) {
-          any = true;
-          break;
-        }
-      }
-      if (!any) continue;
-      const b = this.block(t);
-      if (!b) throw new QimgError('CORRUPT', `cluster ${hex(base * this.clusterSize)} is referenced but has no refcount block`);
-      const mem = b.mem;
+    this.forBlocksWithDeltas(deltas, (base, end, mem, t) => {
+      const b = this.blocks.get(t)!;
+      let down = false;
       for (let ci = base; ci < end; ci++) {
         const d = deltas[ci]!;
         if (d === 0) continue;
@@ -350,16 +373,14 @@ export class Refcounts {
         let v: number;
         if (order === 4) {
           v = ((mem[i * 2]! << 8) | mem[i * 2 + 1]!) + d;
-          if (v < 0 || v > 0xffff) this.rangeError(ci, v);
           mem[i * 2] = v >>> 8;
           mem[i * 2 + 1] = v & 0xff;
         } else {
           v = getRefcount(mem, i, order) + d;
-          if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
           setRefcount(mem, i, order, v);
         }
         if (d < 0) {
-          b.decreased = true;
+          down = true;
           if (v === 0) {
             this.freed.add(ci);
             this.metadata.delete(ci);
@@ -367,24 +388,51 @@ export class Refcounts {
         } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
       }
       b.dirty = true;
-    }
+      if (down) {
+        b.decreased = true;
+        this.fullBlocks.delete(t);
+      }
+    });
   }
 
-  /** Throws (changing nothing) if applying `deltas` would take any refcount out of range. */
+  /**
+   * Throws (changing nothing) if applying `deltas` would take any refcount out of range, or add
+   * a reference to a cluster whose refcount is 0 (a corruption one more reference would hide).
+   */
   validateDeltas(deltas: Int32Array): void {
-    const rc = this.reader();
-    for (let ci = 0; ci < deltas.length; ci++) {
-      const d = deltas[ci]!;
-      if (d === 0) continue;
-      const t = Math.floor(ci / this.perBlock);
-      if (!this.block(t)) throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but has no refcount block`);
-      const cur = rc(ci);
-      // A reference to a cluster with refcount 0 is a corruption: one more reference would hide it.
-      if (d > 0 && cur === 0) {
-        throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
+    this.forBlocksWithDeltas(deltas, (base, end, mem) => {
+      const order = this.refcountOrder;
+      for (let ci = base; ci < end; ci++) {
+        const d = deltas[ci]!;
+        if (d === 0) continue;
+        const i = ci - base;
+        const cur = order === 4 ? (mem[i * 2]! << 8) | mem[i * 2 + 1]! : getRefcount(mem, i, order);
+        if (d > 0 && cur === 0) {
+          throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
+        }
+        const v = cur + d;
+        if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
       }
-      const v = cur + d;
-      if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
+    });
+  }
+
+  /** Calls `fn` for every refcount block whose range has a non-zero delta (blocks must exist). */
+  private forBlocksWithDeltas(deltas: Int32Array, fn: (base: number, end: number, mem: Uint8Array, t: number) => void): void {
+    const per = this.perBlock;
+    for (let t = 0; t * per < deltas.length; t++) {
+      const base = t * per;
+      const end = Math.min(deltas.length, base + per);
+      let first = -1;
+      for (let ci = base; ci < end; ci++) {
+        if (deltas[ci] !== 0) {
+          first = ci;
+          break;
+        }
+      }
+      if (first < 0) continue;
+      const b = this.block(t);
+      if (!b) throw new QimgError('CORRUPT', `cluster ${hex(first * this.clusterSize)} is referenced but has no refcount block`);
+      fn(base, end, b.mem, t);
     }
   }
 

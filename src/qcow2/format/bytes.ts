@@ -76,3 +76,18 @@ export function align(n: number, a: number): number {
 export function isAligned(n: number, a: number): boolean {
   return n % a === 0;
 }
+
+const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
+/**
+ * A Uint32Array over `buf` (which must be 4-byte aligned) for hot loops over table entries;
+ * its words are in host order, so pass each through `be32` before use.
+ */
+export function words32(buf: Uint8Array): Uint32Array | null {
+  return buf.byteOffset % 4 === 0 && buf.length % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : null;
+}
+
+/** A big-endian word read through words32(), as a uint32. */
+export const be32: (w: number) => number = LITTLE_ENDIAN_HOST
+  ? (w) => (((w & 0xff) << 24) | ((w & 0xff00) << 8) | ((w >>> 8) & 0xff00) | (w >>> 24)) >>> 0
+  : (w) => w >>> 0;
