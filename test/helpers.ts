@@ -27,12 +27,29 @@ export function run(cmd: string, args: string[], env: Record<string, string> = {
   return result(spawnSync(cmd, args, { encoding: 'utf8', env: { ...baseEnv, ...env }, cwd, maxBuffer: 1 << 28 }));
 }
 
+/** QEMU's refusal when another process (e.g. a qimg reader in a parallel test) holds the image. */
+const LOCK_REFUSAL = /Failed to (get (shared )?"[a-z -]+" lock|lock byte)/;
+
+/**
+ * Runs qemu-img/qemu-io, retrying briefly when the image is locked: tests in parallel processes
+ * read the same fixtures, and a qimg reader's whole-file read lock makes a QEMU open fail
+ * meanwhile. A test that expects a lock refusal still sees it (after the retries).
+ */
+function runQemu(cmd: string, args: string[], env: Record<string, string>, cwd?: string): RunResult {
+  let r = run(cmd, args, env, cwd);
+  for (let i = 0; i < 3 && r.status !== 0 && LOCK_REFUSAL.test(r.stderr); i++) {
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
+    r = run(cmd, args, env, cwd);
+  }
+  return r;
+}
+
 export function qemuImg(args: string[], env: Record<string, string> = {}, cwd?: string): RunResult {
-  return run('qemu-img', args, env, cwd);
+  return runQemu('qemu-img', args, env, cwd);
 }
 
 export function qemuIo(args: string[], env: Record<string, string> = {}): RunResult {
-  return run('qemu-io', args, env);
+  return runQemu('qemu-io', args, env);
 }
 
 /** Runs the qimg CLI as a user would. */

@@ -33,7 +33,15 @@ export function runAsync(cmd: string, args: string[], o: AsyncRunOptions = {}): 
 }
 
 export const qimgA = (args: string[], o: AsyncRunOptions = {}) => runAsync(process.execPath, [QIMG_BIN, ...args], o);
-export const qemuImgA = (args: string[], o: AsyncRunOptions = {}) => runAsync('qemu-img', args, o);
+/** qemu-img, retried briefly while a concurrent qimg reader's lock refuses it (see helpers.ts). */
+export async function qemuImgA(args: string[], o: AsyncRunOptions = {}): Promise<RunResult> {
+  let r = await runAsync('qemu-img', args, o);
+  for (let i = 0; i < 3 && r.status !== 0 && /Failed to (get (shared )?"[a-z -]+" lock|lock byte)/.test(r.stderr); i++) {
+    await new Promise((res) => setTimeout(res, 100));
+    r = await runAsync('qemu-img', args, o);
+  }
+  return r;
+}
 
 /** Runs tasks with at most `n` in flight; results in input order. */
 export async function pool<T>(tasks: (() => Promise<T>)[], n = 3): Promise<T[]> {

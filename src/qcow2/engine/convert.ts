@@ -81,7 +81,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
       progress?.(Math.min(off, size), size);
     }
     out.truncate(size);
-    out.flush();
+    // No fsync: a new output, written the way qemu-img convert writes it (cache mode "unsafe").
   } finally {
     await closeFile(out);
   }
@@ -102,7 +102,8 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
     size: source.virtualSize,
     ...(tb ? { backingFile: tb.file, backingFormat: tb.format } : {}),
   });
-  const w = await openWriter(dst, { backing: { follow: 'any' } });
+  // A new output nobody relies on yet: written in order but not fsynced, as qemu-img convert does.
+  const w = await openWriter(dst, { backing: { follow: 'any' }, durable: false });
   try {
     let compressor = deflateCompressor;
     if (opts.compress && w.header.compressionType === COMPRESSION_ZSTD) compressor = await zstdCompressor();

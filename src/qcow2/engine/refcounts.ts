@@ -194,6 +194,24 @@ export class Refcounts {
     }
   }
 
+  /**
+   * Allocates up to `n` contiguous clusters (at least one): the run starts at the first free
+   * cluster and stops before anything that is not free or would need a new refcount block.
+   */
+  allocUpTo(n: number): { offset: number; count: number } {
+    const first = this.alloc(1) / this.clusterSize;
+    let count = 1;
+    while (count < n) {
+      const ci = first + count;
+      const t = Math.floor(ci / this.perBlock);
+      if (!this.block(t) || !this.isFree(ci) || this.metadata.has(ci)) break;
+      this.add(ci, 1);
+      count++;
+    }
+    if (first + count > this.freeHint && first <= this.freeHint) this.freeHint = first + count;
+    return { offset: first * this.clusterSize, count };
+  }
+
   /** Blocks with no entry reading 0: the allocator's scan skips them (a decrease clears the mark). */
   private fullBlocks = new Set<number>();
 

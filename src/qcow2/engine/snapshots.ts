@@ -84,7 +84,7 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   let l1Offset = 0;
   if (l1.length > 0) {
     l1Offset = w.refs.alloc(Math.ceil(l1.length / cs));
-    img.file.write(l1, l1Offset); // nothing references it until the table lands
+    w.file.write(l1, l1Offset); // nothing references it until the table lands
     if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
   }
   w.refs.applyDeltas(deltas);

@@ -8,9 +8,13 @@ import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encode
 import { encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
 import type { BlockFile } from '../io/file.js';
+import { StagedFile } from '../io/staged-file.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { Refcounts } from './refcounts.js';
 import { forEachL2 } from './tree.js';
+
+/** Largest run of fresh clusters allocated and written at once. */
+const MAX_RUN_CLUSTERS = 512;
 
 /** Commit on our own once this many L2 tables are dirty, so memory stays bounded. */
 const MAX_DIRTY_L2 = 512;
@@ -37,8 +41,15 @@ export class ImageWriter {
   /** Byte cursor inside a cluster being filled with compressed data. */
   private compCursor: number | null = null;
 
-  constructor(readonly img: Qcow2Image) {
+  /** Every write of this writer goes through here: coalesced, in order, fsynced at flush(). */
+  readonly io: StagedFile;
+
+  constructor(
+    readonly img: Qcow2Image,
+    opts: { durable?: boolean } = {},
+  ) {
     const h = img.header;
+    this.io = new StagedFile(img.file, opts.durable ?? true);
     if (!img.file.writable) throw new QimgError('READ_ONLY', `'${img.filename}' is open read-only`);
     if (hasIncompat(h, L.INCOMPAT_CORRUPT)) {
       throw new QimgError('READ_ONLY', `Could not open '${img.filename}': qcow2: Image is corrupt; cannot be opened read/write`);
@@ -50,7 +61,7 @@ export class ImageWriter {
     if (h.cryptMethod !== L.CRYPT_NONE) throw new QimgError('UNSUPPORTED', `Could not open '${img.filename}': writing encrypted images is not supported`);
     this.header = h;
     this.clusterSize = img.clusterSize;
-    this.refs = new Refcounts(img.file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
+    this.refs = new Refcounts(this.io, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
     this.protectMetadata();
     // Unknown autoclear bits must be cleared before the first write (spec).
     const known = (1n << BigInt(L.AUTOCLEAR_BITMAPS)) | (1n << BigInt(L.AUTOCLEAR_DATA_FILE_RAW));
@@ -77,7 +88,7 @@ export class ImageWriter {
   }
 
   get file(): BlockFile {
-    return this.img.file;
+    return this.io;
   }
 
   /** Guest data writes: refused for external data files (their clusters are not refcounted). */
@@ -104,11 +115,50 @@ export class ImageWriter {
       const pos = offset + done;
       const gc = Math.floor(pos / cs);
       const inCluster = pos - gc * cs;
+      if (inCluster === 0 && data.length - done >= 2 * cs && !this.img.extendedL2) {
+        const n = this.writeFreshRun(gc, data.subarray(done, done + Math.min(data.length - done, MAX_RUN_CLUSTERS * cs)));
+        if (n > 0) {
+          done += n * cs;
+          this.maybeCommit();
+          continue;
+        }
+      }
       const n = Math.min(cs - inCluster, data.length - done);
       this.writeCluster(gc, inCluster, data.subarray(done, done + n));
       done += n;
       this.maybeCommit();
     }
+  }
+
+  /**
+   * Whole clusters that hold no data of their own (unallocated or plain zero) take new,
+   * contiguous host clusters written with ONE write — how a convert or a large guest write
+   * fills an image. Returns how many clusters it wrote (0: the first one does not qualify).
+   */
+  private writeFreshRun(gc: number, run: Uint8Array): number {
+    const cs = this.clusterSize;
+    const max = Math.floor(run.length / cs);
+    const slots: Array<{ table: Uint8Array; index: number; hi: number; lo: number }> = [];
+    for (let k = 0; k < max; k++) {
+      const { table, index } = this.l2ForWrite(gc + k);
+      const hi = u32(table, index * 8);
+      const lo = u32(table, index * 8 + 4);
+      const kind = classifyL2(hi, lo, this.img.zeroFlag);
+      if (kind !== ClusterKind.Unallocated && kind !== ClusterKind.ZeroPlain) break;
+      slots.push({ table, index, hi, lo });
+    }
+    if (slots.length === 0) return 0;
+    for (let k = 0; k < slots.length; ) {
+      const { offset, count } = this.refs.allocUpTo(slots.length - k);
+      this.hostWrite(run.subarray(k * cs, (k + count) * cs), offset); // data lands before any table points at it
+      for (let j = 0; j < count; j++) {
+        const slot = slots[k + j]!;
+        const [h2, l2] = encodeOffset(offset + j * cs, true);
+        this.setEntry(slot.table, slot.index, h2, l2);
+      }
+      k += count;
+    }
+    return slots.length;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -205,6 +255,7 @@ export class ImageWriter {
 
   /** Current guest content of cluster `gc` (backing, zeros, compressed or data), read before any change. */
   private guestCluster(gc: number): Uint8Array {
+    this.io.drain(); // the reader reads the file directly: staged writes must land first
     const buf = new Uint8Array(this.clusterSize);
     this.img.read(buf, gc * this.clusterSize);
     return buf;
@@ -724,6 +775,7 @@ export class ImageWriter {
 
   async close(): Promise<void> {
     if (!this.failed) this.commit();
+    this.io.drain();
     await this.img.close();
   }
 
@@ -749,6 +801,11 @@ export interface OpenWriterOptions {
   rawError?: string;
   /** Receives the repair log when a dirty image is repaired on open (qemu-img prints it on stderr). */
   onRepair?: (messages: string[]) => void;
+  /**
+   * false: never fsync (write order is kept). Only for a NEW file nobody relies on yet, such as a
+   * convert output — qemu-img convert writes its output the same way (cache mode "unsafe").
+   */
+  durable?: boolean;
 }
 
 /**
@@ -763,17 +820,17 @@ export async function openWriter(path: string, opts: OpenWriterOptions = {}): Pr
     await layer.close();
     throw new QimgError('UNSUPPORTED', opts.rawError ?? `'${path}' is not a qcow2 image`);
   }
-  return writerFor(layer, opts.onRepair);
+  return writerFor(layer, opts.onRepair, opts.durable);
 }
 
 /** An ImageWriter on an image already open read-write (and locked); repairs a dirty image first. */
-export async function writerFor(layer: Qcow2Image, onRepair?: (messages: string[]) => void): Promise<ImageWriter> {
+export async function writerFor(layer: Qcow2Image, onRepair?: (messages: string[]) => void, durable = true): Promise<ImageWriter> {
   let img = layer;
   try {
     if (hasIncompat(img.header, L.INCOMPAT_DIRTY) && !hasIncompat(img.header, L.INCOMPAT_CORRUPT)) {
       img = await repairOnOpen(img, onRepair);
     }
-    return new ImageWriter(img);
+    return new ImageWriter(img, { durable });
   } catch (err) {
     await img.close();
     throw err;
