@@ -318,16 +318,7 @@ export class Refcounts {
         b.fresh = false;
         continue;
       }
-      let changed = false;
-      for (let i = 0; i < this.perBlock; i++) {
-        const d = getRefcount(b.disk, i, this.refcountOrder);
-        const m = getRefcount(b.mem, i, this.refcountOrder);
-        if (m > d) {
-          setRefcount(b.disk, i, this.refcountOrder, m);
-          changed = true;
-        }
-      }
-      if (changed) this.file.write(b.disk, b.offset);
+      if (raiseToMax(b.disk, b.mem, this.perBlock, this.refcountOrder)) this.file.write(b.disk, b.offset);
     }
   }
 
@@ -378,33 +369,20 @@ export class Refcounts {
    * Adds deltas[ci] to every cluster's refcount in one pass over the refcount blocks: each
    * block is read and modified once. The streaming path for snapshot operations.
    */
-  applyDeltas(deltas: Int32Array): void {
-    this.validateDeltas(deltas);
+  applyDeltas(deltas: Int32Array, validated = false): void {
+    if (!validated) this.validateDeltas(deltas);
     const order = this.refcountOrder;
+    const zeros: number[] = [];
     this.forBlocksWithDeltas(deltas, (base, end, mem, t) => {
       const b = this.blocks.get(t)!;
-      let down = false;
-      for (let ci = base; ci < end; ci++) {
-        const d = deltas[ci]!;
-        if (d === 0) continue;
-        const i = ci - base;
-        let v: number;
-        if (order === 4) {
-          v = ((mem[i * 2]! << 8) | mem[i * 2 + 1]!) + d;
-          mem[i * 2] = v >>> 8;
-          mem[i * 2 + 1] = v & 0xff;
-        } else {
-          v = getRefcount(mem, i, order) + d;
-          setRefcount(mem, i, order, v);
-        }
-        if (d < 0) {
-          down = true;
-          if (v === 0) {
-            this.freed.add(ci);
-            this.metadata.delete(ci);
-          }
-        } else if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
+      const r = applyBlock(deltas, base, end, mem, order, zeros);
+      for (const ci of zeros) {
+        this.freed.add(ci);
+        this.metadata.delete(ci);
       }
+      zeros.length = 0;
+      if (r.lastUp + 1 > this.endCluster) this.endCluster = r.lastUp + 1;
+      const down = r.down;
       b.dirty = true;
       if (down) {
         b.decreased = true;
@@ -419,18 +397,14 @@ export class Refcounts {
    */
   validateDeltas(deltas: Int32Array): void {
     this.forBlocksWithDeltas(deltas, (base, end, mem) => {
-      const order = this.refcountOrder;
-      for (let ci = base; ci < end; ci++) {
-        const d = deltas[ci]!;
-        if (d === 0) continue;
-        const i = ci - base;
-        const cur = order === 4 ? (mem[i * 2]! << 8) | mem[i * 2 + 1]! : getRefcount(mem, i, order);
-        if (d > 0 && cur === 0) {
-          throw new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
-        }
-        const v = cur + d;
-        if (v < 0 || v > this.maxValue) this.rangeError(ci, v);
+      const bad = firstInvalid(deltas, base, end, mem, this.refcountOrder, this.maxValue);
+      if (bad < 0) return;
+      const d = deltas[bad]!;
+      const cur = getRefcount(mem, bad - base, this.refcountOrder);
+      if (d > 0 && cur === 0) {
+        throw new QimgError('CORRUPT', `cluster ${hex(bad * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
       }
+      this.rangeError(bad, cur + d);
     });
   }
 
@@ -486,4 +460,69 @@ export class Refcounts {
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.compare(a, b) === 0;
+}
+
+// Hot loops over whole refcount blocks, kept as plain functions of their arguments (no closure
+// state) with a fast path for 16-bit refcounts, the common width.
+
+/** The first cluster in [base, end) whose delta would be invalid (see validateDeltas), or -1. */
+function firstInvalid(deltas: Int32Array, base: number, end: number, mem: Uint8Array, order: number, max: number): number {
+  for (let ci = base; ci < end; ci++) {
+    const d = deltas[ci]!;
+    if (d === 0) continue;
+    const i = ci - base;
+    const cur = order === 4 ? (mem[i * 2]! << 8) | mem[i * 2 + 1]! : getRefcount(mem, i, order);
+    const v = cur + d;
+    if ((d > 0 && cur === 0) || v < 0 || v > max) return ci;
+  }
+  return -1;
+}
+
+/** Adds the deltas of [base, end) into `mem`; pushes clusters that reach 0 onto `zeros`. */
+function applyBlock(deltas: Int32Array, base: number, end: number, mem: Uint8Array, order: number, zeros: number[]): { down: boolean; lastUp: number } {
+  let down = false;
+  let lastUp = -1;
+  for (let ci = base; ci < end; ci++) {
+    const d = deltas[ci]!;
+    if (d === 0) continue;
+    const i = ci - base;
+    let v: number;
+    if (order === 4) {
+      v = ((mem[i * 2]! << 8) | mem[i * 2 + 1]!) + d;
+      mem[i * 2] = v >>> 8;
+      mem[i * 2 + 1] = v & 0xff;
+    } else {
+      v = getRefcount(mem, i, order) + d;
+      setRefcount(mem, i, order, v);
+    }
+    if (d < 0) {
+      down = true;
+      if (v === 0) zeros.push(ci);
+    } else lastUp = ci;
+  }
+  return { down, lastUp };
+}
+
+/** disk[i] = max(disk[i], mem[i]) for every entry; true when anything changed. */
+function raiseToMax(disk: Uint8Array, mem: Uint8Array, entries: number, order: number): boolean {
+  let changed = false;
+  if (order === 4) {
+    for (let i = 0; i < entries * 2; i += 2) {
+      const m = (mem[i]! << 8) | mem[i + 1]!;
+      if (m > ((disk[i]! << 8) | disk[i + 1]!)) {
+        disk[i] = mem[i]!;
+        disk[i + 1] = mem[i + 1]!;
+        changed = true;
+      }
+    }
+    return changed;
+  }
+  for (let i = 0; i < entries; i++) {
+    const m = getRefcount(mem, i, order);
+    if (m > getRefcount(disk, i, order)) {
+      setRefcount(disk, i, order, m);
+      changed = true;
+    }
+  }
+  return changed;
 }

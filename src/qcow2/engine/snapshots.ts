@@ -87,7 +87,7 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
     w.file.write(l1, l1Offset); // nothing references it until the table lands
     if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
   }
-  w.refs.applyDeltas(deltas);
+  w.refs.applyDeltas(deltas, true); // validated above, nothing changed refcounts since
   w.commit();
 
   const nameBytes = encodeString(snap.name).subarray(0, L.MAX_SNAPSHOT_NAME_BYTES);

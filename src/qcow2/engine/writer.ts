@@ -3,7 +3,7 @@
 
 import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
-import { setU32, setU64, u32 } from '../format/bytes.js';
+import { be32, setU32, setU64, u32, words32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
 import { encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
@@ -642,20 +642,7 @@ export class ImageWriter {
       }
     }
     forEachL2(img, tables, (off, table) => {
-      let copy: Uint8Array | null = null;
-      for (let e = 0; e < table.length; e += ew) {
-        const hi = u32(table, e);
-        const lo = u32(table, e + 4);
-        if (hi & L.OFLAG_COMPRESSED_HI) continue;
-        const host = entryOffset(hi, lo);
-        if (host === 0) continue;
-        const ci = host / cs;
-        if (deltas && (ci >= deltas.length || deltas[ci] === 0)) continue;
-        const want = rc(ci) === 1;
-        if (want === ((hi & L.OFLAG_COPIED_HI) !== 0)) continue;
-        copy ??= img.dirtyL2.get(off) ?? table.slice();
-        setU32(copy, e, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
-      }
+      const copy = copiedFixes(table, img.dirtyL2.get(off) ?? null, deltas, this.refs, img.clusterBits, ew);
       if (copy) {
         img.dirtyL2.set(off, copy);
         img.uncacheL2(off);
@@ -784,6 +771,48 @@ export class ImageWriter {
     this.failed ??= new Error('abandoned');
     await this.img.close();
   }
+}
+
+/**
+ * One L2 table's OFLAG_COPIED corrections (the hot loop of recomputeCopied, kept a plain
+ * function on integer arithmetic): returns the corrected copy, or null when nothing changes.
+ * Only entries whose cluster's refcount changed (deltas != 0) are looked at, when deltas given.
+ */
+function copiedFixes(table: Uint8Array, dirty: Uint8Array | null, deltas: Int32Array | null, refs: Refcounts, cb: number, ew: number): Uint8Array | null {
+  const words = words32(table);
+  const step = ew >>> 2;
+  const hiScale = 2 ** (32 - cb);
+  const COMPRESSED = L.OFLAG_COMPRESSED_HI;
+  const COPIED = L.OFLAG_COPIED_HI;
+  const MASK_HI = L.OFFSET_MASK_HI;
+  const MASK_LO = L.OFFSET_MASK_LO;
+  const rc = refs.reader();
+  let copy: Uint8Array | null = null;
+  for (let w = 0; w < table.length >>> 2; w += step) {
+    let hi: number;
+    let lo: number;
+    if (words !== null) {
+      const a = words[w]!;
+      const b = words[w + 1]!;
+      if (a === 0 && b === 0) continue;
+      hi = be32(a);
+      lo = be32(b);
+    } else {
+      hi = u32(table, w * 4);
+      lo = u32(table, w * 4 + 4);
+    }
+    if (hi & COMPRESSED) continue;
+    const hiOff = hi & MASK_HI;
+    const loOff = (lo & MASK_LO) >>> 0;
+    if (hiOff === 0 && loOff === 0) continue;
+    const ci = hiOff * hiScale + (loOff >>> cb);
+    if (deltas !== null && (ci >= deltas.length || deltas[ci] === 0)) continue;
+    const want = rc(ci) === 1;
+    if (want === ((hi & COPIED) !== 0)) continue;
+    copy ??= dirty ?? table.slice();
+    setU32(copy, w * 4, want ? (hi | COPIED) >>> 0 : (hi & ~COPIED) >>> 0);
+  }
+  return copy;
 }
 
 /** QEMU's "zlib" type: raw deflate, no zlib header. */
