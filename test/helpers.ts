@@ -1,6 +1,6 @@
 // Shared test plumbing: temp dirs, running qemu-img/qemu-io (the oracle) and the qimg CLI.
-import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess, type SpawnSyncReturns } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -81,3 +81,23 @@ export function tmpDir(prefix = 'qimg-test-'): string {
 process.on('exit', () => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
+
+/**
+ * Runs `fn` while a live qemu-io holds `img` (read-write, or read-only with `readOnly`): waits
+ * until its locks show in /proc/locks, and kills it afterwards whatever happens.
+ */
+export async function withQemuIo<T>(img: string, fn: () => T | Promise<T>, readOnly = false): Promise<T> {
+  const child: ChildProcess = spawn('qemu-io', [...(readOnly ? ['-r'] : []), '-c', 'sleep 60000', img], { stdio: 'ignore' });
+  try {
+    const ino = statSync(img).ino;
+    const deadline = Date.now() + 10000;
+    while (!readFileSync('/proc/locks', 'utf8').includes(`:${ino} `)) {
+      if (Date.now() > deadline) throw new Error('qemu-io never locked the image');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return await fn();
+  } finally {
+    child.kill('SIGKILL');
+    await new Promise((r) => child.once('exit', r));
+  }
+}

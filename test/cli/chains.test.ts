@@ -1,14 +1,13 @@
 // commit, rebase, map, compare and chain against qemu-img 7.2: the same operation on copies of
 // the same chains (depth 2..4, internal snapshots inside layers), read back with qemu-img.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { compare } from '../../src/qcow2/engine/compare.js';
 import { mapFile } from '../../src/qcow2/engine/map.js';
 import { renderMapHuman, renderMapJson } from '../../src/cli/render.js';
-import { mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
+import { mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir, withQemuIo } from '../helpers.js';
 
 const SIZE = '4M';
 
@@ -261,22 +260,6 @@ test('compare: messages and exit codes as qemu-img (sizes, strict, allocation, e
   assert.is(e.stderr, "qimg: Could not open 'nonex': No such file or directory\n");
 });
 
-/** A live qemu-io holding the image read-write, killed when done. */
-async function withQemuIo<T>(img: string, fn: () => T | Promise<T>): Promise<T> {
-  const child: ChildProcess = spawn('qemu-io', ['-c', 'sleep 60000', img], { stdio: 'ignore' });
-  try {
-    const ino = statSync(img).ino;
-    const deadline = Date.now() + 10000;
-    while (!readFileSync('/proc/locks', 'utf8').includes(`:${ino} `)) {
-      if (Date.now() > deadline) throw new Error('qemu-io never locked the image');
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    return await fn();
-  } finally {
-    child.kill('SIGKILL');
-    await new Promise((r) => child.once('exit', r));
-  }
-}
 
 test('commit and rebase refuse while a live qemu-io holds the overlay or the base, and change nothing', async () => {
   const t = twin(3);

@@ -1,11 +1,10 @@
 // The writing commands against the oracle: convert -O qcow2, resize, and locks held by a live qemu-io.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { copyFileSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { openWriter } from '../../src/qcow2/engine/writer.js';
-import { FIXTURES, mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
+import { FIXTURES, mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir, withQemuIo } from '../helpers.js';
 
 function clean(path: string): void {
   const r = qemuImg(['check', path]);
@@ -93,22 +92,6 @@ test('resize grows and shrinks like qemu-img, with its messages', () => {
   }
 });
 
-/** A live qemu-io holding the image read-write, killed when done. */
-async function withQemuIo<T>(img: string, fn: () => T | Promise<T>, readOnly = false): Promise<T> {
-  const child: ChildProcess = spawn('qemu-io', [...(readOnly ? ['-r'] : []), '-c', 'sleep 60000', img], { stdio: 'ignore' });
-  try {
-    const ino = statSync(img).ino;
-    const deadline = Date.now() + 10000;
-    while (!readFileSync('/proc/locks', 'utf8').includes(`:${ino} `)) {
-      if (Date.now() > deadline) throw new Error('qemu-io never locked the image');
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    return await fn();
-  } finally {
-    child.kill('SIGKILL');
-    await new Promise((r) => child.once('exit', r));
-  }
-}
 
 test('writers refuse an image a live qemu-io holds, with qemu-img wording, and change nothing', async () => {
   const dir = tmpDir();
