@@ -11,14 +11,25 @@
 // median wall times, the ratio qimg/qemu-img, and peak RSS of each (GNU time %M).
 // Aims: ratio <= 0.25 with 0 snapshots, <= 0.1 with 16; peak RSS <= qemu-img's + 64 MiB.
 //
-// Notes (2 vCPUs shared with other jobs, load average ~6, so wall times are noisy):
-//   0 snapshots : qemu-img 5.38 s, qimg 2.38 s, ratio 0.44 (CPU time 3.19 s vs 1.05 s: 0.33);
-//                 idle-ish runs earlier: qemu-img 3.3-4.2 s vs qimg 1.6-2.4 s
-//   16 snapshots: qemu-img 14.98 s, qimg 2.06 s, ratio 0.14
-//   peak RSS    : qemu-img 40 MiB, qimg 105-107 MiB (+65-67 MiB; ~45 MiB is Node itself)
-// Profile of qimg on the 0-snapshot image: L2 hot loop 0.31 s, stored-vs-counted compare 0.16 s,
-// stored "refcount == 1" bitmap 0.16 s, reads 0.11 s. Each L2 table is read once however many
-// snapshots share it, which is why 16 snapshots cost qimg nothing extra.
+// Notes (2 vCPUs shared with other jobs, so wall times are noisy; ratios are medians of pairs):
+//   before (commit 9dcf05f), load ~2: 0 snapshots ratio 0.41 (qemu-img 2.95 s, qimg 1.20 s),
+//                 16 snapshots 0.12 (7.33 s vs 0.88 s); peak RSS qimg 106-108 MiB (+66-68 MiB)
+//                 (earlier, load ~6: 0.44 and 0.14)
+//   after (2025-11-26), load 2-4: 0 snapshots ratio 0.29-0.31 (qemu-img 3.09-3.55 s, qimg
+//                 0.95-1.02 s), 16 snapshots 0.085-0.10 (7.7-8.5 s vs 0.66-0.88 s);
+//                 peak RSS qimg 73-75 MiB (+33-35 MiB over qemu-img's 40 MiB).
+//                 Quiet spot pairs (load ~1): qemu-img 2.34-2.37 s, qimg 0.59-0.73 s (0.25-0.31):
+//                 the 0.25 aim with 0 snapshots is on the edge, not reliably met.
+// What changed: the refcount-block passes compare two 16-bit entries per 32-bit word against
+// byte counters viewed as u16 pairs (cmp16 0.12-0.24 s -> 0.05 s) and build the "stored
+// refcount == 1" bitmap eight entries at a time (ones16 0.16 s -> 0.02 s); a read-only pass
+// keeps 16 refcount blocks and reuses their buffers (it allocated ~512 x 64 KiB, never
+// collected: the RSS drop); the counter array is allocated once, not twice.
+// Profile after, 0 snapshots (CPU 0.56 s): L2 hot loop fastRun 0.32 s, compare 0.055 s, reads
+// 0.045 s, bitmap 0.02 s, start-up ~0.07 s. fastRun stays on DataView.getInt32: a Uint32Array
+// view with a manual byte swap measured 2x SLOWER than DataView here (the 2x win was against
+// the byte-at-a-time u32() helper). Each L2 table is read once however many snapshots share
+// it, which is why 16 snapshots cost qimg nothing extra.
 
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';

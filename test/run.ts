@@ -1,9 +1,61 @@
 // Runs every *.test.js under dist/test with uvu and ends with the line CI reads: `N passed, M failed`.
+//
+//   node dist/test/run.js                 all files, split across child processes (see below)
+//   node dist/test/run.js check cli/info  files whose path contains any argument, one process
+//   node dist/test/run.js --child F...    exactly these files, one process (what the children run)
+//
+// Without a filter the files are split across N children (N = env QIMG_TEST_JOBS, else
+// os.availableParallelism(), at most MAX_JOBS; QIMG_TEST_JOBS=1 runs everything in this process).
+// Each child's output is buffered and printed whole when it finishes, so suites never interleave;
+// the children's own final lines are summed into the one printed last. Tests that run at the same
+// time in different processes must not share files: each takes its own directory from tmpDir().
+import { spawn } from 'node:child_process';
 import { readdirSync, statSync } from 'node:fs';
-import { join, relative, dirname } from 'node:path';
+import { availableParallelism } from 'node:os';
+import { join, relative, dirname, isAbsolute } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = dirname(fileURLToPath(import.meta.url));
+const self = fileURLToPath(import.meta.url);
+
+/** More children than this only add contention (the slow suites already run qemu-img/qimg in pools). */
+const MAX_JOBS = 3;
+
+/**
+ * Seconds each slow file took alone (`node dist/test/run.js --child FILE`, 2 vCPUs, load ~3 from
+ * other jobs, 2025-11-26), used to balance the children. Unlisted files are estimated from size.
+ */
+const COST: Record<string, number> = {
+  'check/check.test.js': 55, // the three check*.test.js files: 133 s as one file before the split
+  'check/check-more.test.js': 55,
+  'check/check-repair.test.js': 25,
+  'cli/info.test.js': 49,
+  'fuzz/bounds.test.js': 43,
+  'fuzz/fuzz.test.js': 100, // 56 s, but on 2 worker processes of its own: counted for both cores
+  'cli/chains.test.js': 30,
+  'cli/convert.test.js': 25,
+  'engine/writer.test.js': 25,
+  'cli/errors.test.js': 18,
+  'format/luks.test.js': 17,
+  'cli/create.test.js': 16,
+  'engine/snapshots.test.js': 16,
+  'engine/create.test.js': 15,
+  'cli/render.test.js': 13,
+  'cli/write.test.js': 12,
+  'engine/crash.test.js': 10,
+  'engine/read.test.js': 8,
+  'engine/chains.test.js': 3,
+  'check/stream.test.js': 3,
+};
+/** Seconds per byte of compiled test file, for files without a measured cost. */
+const COST_PER_BYTE = 1 / 4000;
+
+/**
+ * Files that open images in fixtures/ with qimg (which takes a whole-file lock that makes every
+ * qemu-img open without -U fail) or with qemu-img without -U: they must not run at the same time
+ * as each other, so they all go to one child, where they run one after another.
+ */
+const SHARES_FIXTURES = ['cli/info.test.js', 'cli/convert.test.js', 'cli/write.test.js', 'engine/read.test.js'];
 
 function findTests(dir: string, out: string[]): string[] {
   for (const name of readdirSync(dir).sort()) {
@@ -14,11 +66,10 @@ function findTests(dir: string, out: string[]): string[] {
   return out;
 }
 
-async function main(): Promise<void> {
-  const filter = process.argv.slice(2);
-  let files = findTests(root, []);
-  if (filter.length) files = files.filter((f) => filter.some((x) => f.includes(x)));
+const FINAL = /^(\d+) passed, (\d+) failed$/;
 
+/** Runs `files` with uvu in this process and prints the final line. */
+async function runHere(files: string[]): Promise<void> {
   // Count what uvu reports instead of re-implementing its runner.
   let total = 0;
   let passed = 0;
@@ -51,6 +102,112 @@ async function main(): Promise<void> {
   await uvu.exec(false);
   process.stdout.write = write;
   const failed = total - passed + importFailures;
+  if (failed > 0) process.exitCode = 1;
+  console.log(`${passed} passed, ${failed} failed`);
+}
+
+function cost(file: string): number {
+  const c = COST[relative(root, file)];
+  return c !== undefined && c > 0 ? c : statSync(file).size * COST_PER_BYTE;
+}
+
+/**
+ * Longest-first greedy split into `n` groups of similar total cost; the SHARES_FIXTURES files
+ * travel together as one unit. Each group keeps path order.
+ */
+function split(files: string[], n: number): string[][] {
+  const groups = Array.from({ length: n }, () => ({ cost: 0, files: [] as string[] }));
+  const shared = files.filter((f) => SHARES_FIXTURES.includes(relative(root, f)));
+  const units = [...(shared.length ? [shared] : []), ...files.filter((f) => !shared.includes(f)).map((f) => [f])];
+  const byCost = units.map((u) => ({ u, c: u.reduce((s, f) => s + cost(f), 0) })).sort((a, b) => b.c - a.c);
+  for (const { u, c } of byCost) {
+    const g = groups.reduce((best, x) => (x.cost < best.cost ? x : best));
+    g.cost += c;
+    g.files.push(...u);
+  }
+  return groups.filter((g) => g.files.length).map((g) => g.files.sort());
+}
+
+interface ChildResult {
+  passed: number;
+  failed: number;
+}
+
+/** Runs one group in a child; prints its output whole when it ends; a crash counts as a failure. */
+function runChild(files: string[], label: string): Promise<ChildResult> {
+  const t0 = Date.now();
+  return new Promise((resolve) => {
+    const env = { ...process.env };
+    if (process.stdout.isTTY && env.FORCE_COLOR === undefined) env.FORCE_COLOR = '1';
+    const child = spawn(process.execPath, [self, '--child', ...files.map((f) => relative(root, f))], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    const finish = (code: number | null, signal: NodeJS.Signals | null, spawnError?: Error) => {
+      const stdout = Buffer.concat(out).toString();
+      const stderr = Buffer.concat(err).toString();
+      const lines = stdout.replace(/\n$/, '').split('\n');
+      const m = FINAL.exec(lines[lines.length - 1] ?? '');
+      const secs = ((Date.now() - t0) / 1000).toFixed(1);
+      let res: ChildResult;
+      let note: string;
+      if (m && code === 0 && Number(m[2]) === 0) {
+        lines.pop();
+        res = { passed: Number(m[1]), failed: 0 };
+        note = `passed ${res.passed}, failed 0`;
+      } else if (m && (Number(m[2]) > 0 || code === 0)) {
+        lines.pop();
+        res = { passed: Number(m[1]), failed: Number(m[2]) || 1 };
+        note = `passed ${res.passed}, failed ${res.failed}${Number(m[2]) === 0 ? ` (exit ${code})` : ''}`;
+      } else {
+        // No final line, or a clean-looking one with a failing exit: the child itself failed.
+        if (m) lines.pop();
+        res = { passed: m ? Number(m[1]) : 0, failed: (m ? Number(m[2]) : 0) + 1 };
+        const how = spawnError ? spawnError.message : signal ? `killed by ${signal}` : `exit ${code}`;
+        note = `CRASHED (${how}${m ? '' : ', no final line'}): counted as 1 failure`;
+      }
+      process.stdout.write(`\n=== ${label} (${files.length} files, ${secs} s)\n`);
+      if (lines.length && lines.join('') !== '') process.stdout.write(lines.join('\n') + '\n');
+      if (stderr) process.stdout.write(`--- ${label} stderr\n${stderr}${stderr.endsWith('\n') ? '' : '\n'}`);
+      process.stdout.write(`=== ${label}: ${note}\n`);
+      resolve(res);
+    };
+    let done = false;
+    child.on('error', (e) => {
+      if (!done) {
+        done = true;
+        finish(null, null, e);
+      }
+    });
+    child.on('close', (code, signal) => {
+      if (!done) {
+        done = true;
+        finish(code, signal);
+      }
+    });
+  });
+}
+
+function jobCount(): number {
+  const env = process.env.QIMG_TEST_JOBS;
+  const n = env !== undefined && env !== '' ? Math.floor(Number(env)) : availableParallelism();
+  return Number.isFinite(n) && n >= 1 ? Math.min(n, MAX_JOBS) : 1;
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const all = findTests(root, []);
+  if (args[0] === '--child') {
+    return runHere(args.slice(1).map((f) => (isAbsolute(f) ? f : join(root, f))));
+  }
+  if (args.length) return runHere(all.filter((f) => args.some((x) => f.includes(x))));
+  const jobs = Math.min(jobCount(), all.length);
+  if (jobs <= 1) return runHere(all);
+  const groups = split(all, jobs);
+  const results = await Promise.all(groups.map((g, i) => runChild(g, `job ${i + 1}/${groups.length}`)));
+  const passed = results.reduce((s, r) => s + r.passed, 0);
+  const failed = results.reduce((s, r) => s + r.failed, 0);
   if (failed > 0) process.exitCode = 1;
   console.log(`${passed} passed, ${failed} failed`);
 }

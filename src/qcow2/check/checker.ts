@@ -63,14 +63,42 @@ const DEFAULT_CHUNK = 4 * 1024 * 1024;
 /** Tables closer than this are read together, the gap included. */
 const MAX_GAP = 256 * 1024;
 const TWO32 = 0x100000000;
+/** Refcount blocks kept by a read-only pass (each one cluster). */
+const READONLY_CACHED_BLOCKS = 16;
 
 const EMPTY = new Uint8Array(0);
 const cmpOut: [number, number] = [0, -1];
 
+/** Whether typed-array views read memory little-endian (the word-at-a-time loops below assume it). */
+const LE = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
 /** Compares 16-bit stored refcounts with counted ones until the first difference: [stop, highest or -1]. */
-function cmp16(dv: DataView, a: ArrayLike<number>, base: number, end: number): [number, number] {
+function cmp16(b: Uint8Array, a: ArrayLike<number>, base: number, end: number): [number, number] {
   let highest = -1;
   let i = 0;
+  if (LE && a instanceof Uint8Array && (b.byteOffset & 3) === 0 && ((a.byteOffset + base) & 1) === 0) {
+    // Two entries per step: big-endian pairs (0, c0), (0, c1) read as one little-endian word are
+    // c0 << 8 | c1 << 24, and byte counters c0, c1 read as one little-endian u16 are c0 | c1 << 8.
+    const pairs = end >>> 1;
+    const w = new Int32Array(b.buffer, b.byteOffset, pairs);
+    const a16 = new Uint16Array(a.buffer, a.byteOffset + base, pairs);
+    let k = 0;
+    let hk = -1;
+    for (; k < pairs; k++) {
+      const x = a16[k]!;
+      const s = w[k]!;
+      if (s !== (((x & 0xff) << 8) | ((x & 0xff00) << 16))) break;
+      if (s !== 0) hk = k;
+    }
+    if (hk >= 0) highest = base + 2 * hk + (w[hk]! >>> 16 !== 0 ? 1 : 0);
+    i = 2 * k;
+    if (k < pairs) {
+      cmpOut[0] = i;
+      cmpOut[1] = highest;
+      return cmpOut;
+    }
+  }
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
   for (; i < end; i++) {
     const r1 = dv.getUint16(i * 2);
     if (r1 !== a[base + i]) break;
@@ -81,10 +109,36 @@ function cmp16(dv: DataView, a: ArrayLike<number>, base: number, end: number): [
   return cmpOut;
 }
 
-/** Sets the bit of every cluster whose 16-bit stored refcount is 1. */
-function ones16(dv: DataView, ones: Uint8Array, base: number, end: number): void {
-  for (let i = 0; i < end; i++) {
-    if (dv.getUint16(i * 2) === 1) {
+/** Sets the bit of every cluster whose 16-bit stored refcount is 1 (base: a multiple of 8). */
+function ones16(b: Uint8Array, ones: Uint8Array, base: number, end: number): void {
+  let i = 0;
+  if (LE && (b.byteOffset & 3) === 0 && (base & 7) === 0) {
+    // Eight entries (four little-endian words) per bitmap byte; a stored 1 reads 0x0100.
+    const w = new Int32Array(b.buffer, b.byteOffset, end >>> 1);
+    const e8 = end & ~7;
+    for (let k = 0, o = base >>> 3; i < e8; i += 8, k += 4, o++) {
+      const w0 = w[k]!;
+      const w1 = w[k + 1]!;
+      const w2 = w[k + 2]!;
+      const w3 = w[k + 3]!;
+      if ((w0 | w1 | w2 | w3) === 0) continue;
+      if (w0 === 0x01000100 && w1 === 0x01000100 && w2 === 0x01000100 && w3 === 0x01000100) {
+        ones[o] = 0xff;
+        continue;
+      }
+      ones[o] =
+        ((w0 & 0xffff) === 0x100 ? 1 : 0) |
+        (w0 >>> 16 === 0x100 ? 2 : 0) |
+        ((w1 & 0xffff) === 0x100 ? 4 : 0) |
+        (w1 >>> 16 === 0x100 ? 8 : 0) |
+        ((w2 & 0xffff) === 0x100 ? 16 : 0) |
+        (w2 >>> 16 === 0x100 ? 32 : 0) |
+        ((w3 & 0xffff) === 0x100 ? 64 : 0) |
+        (w3 >>> 16 === 0x100 ? 128 : 0);
+    }
+  }
+  for (; i < end; i++) {
+    if (((b[2 * i]! << 8) | b[2 * i + 1]!) === 1) {
       const c = base + i;
       ones[c >>> 3] = ones[c >>> 3]! | (1 << (c & 7));
     }
@@ -125,18 +179,18 @@ export function fastRun(
     const h = dv.getInt32(p);
     const l = dv.getInt32(p + 4);
     if ((h | l) === 0) continue;
-    if ((h & 0x7f000000) !== 0 || (l & lowMask) !== 0) break;
+    if (((h & 0x7f000000) | (l & lowMask)) !== 0) break;
     const oh = h & 0xffffff;
-    if (oh === 0 && (l & ~0x1ff) === 0) continue;
     if (oh >= ohMax) break;
     const c = (oh << sh) | (l >>> cb);
+    if (c === 0 && (l & ~0x1ff) === 0) continue; // offset 0 (c is 0 exactly when oh is)
     if (c >= alen) break;
     const v = arr[c]! + mult;
     if (v > limit) break;
     if (checkCopied && ((ones[c >>> 3]! >>> (c & 7)) & 1) !== h >>> 31) break;
     arr[c] = v;
     alloc++;
-    if (nextC !== -1 && c !== nextC) frag++;
+    if (c !== nextC && nextC !== -1) frag++;
     nextC = c + 1;
   }
   st[0] = alloc;
@@ -222,7 +276,9 @@ export class CheckPass {
     this.chunk = Math.max(opts.chunkBytes ?? DEFAULT_CHUNK, this.cs);
     this.fileLen = img.file.size();
     this.fileClusters = Math.ceil(this.fileLen / this.cs);
-    this.arr = new RefArray(this.fileClusters + 1);
+    // Sized by resetCounts(): allocating it here too would cost a second resident copy (the
+    // allocator zero-fills reused heap memory).
+    this.arr = new RefArray(0);
   }
 
   /** qcow2_co_check_locked: snapshot table, refcounts, then marking the image clean. */
@@ -314,7 +370,9 @@ export class CheckPass {
   }
 
   private resetCounts(): void {
-    this.arr = new RefArray(this.fileClusters + 1);
+    const n = this.fileClusters + 1;
+    if (this.arr.length === n && this.arr.a instanceof Uint8Array) this.arr.clear();
+    else this.arr = new RefArray(n);
     this.nb = this.fileClusters;
     this.findings.clear();
     this.copiedFindings.clear();
@@ -825,12 +883,16 @@ export class CheckPass {
     }
     let b = this.blockCache.get(t);
     if (b) return b;
-    b = new Uint8Array(this.cs);
+    if (cache && !this.fix && this.blockCache.size >= READONLY_CACHED_BLOCKS) {
+      // Read-only: a few blocks are enough (lookups go in cluster order), and the oldest one's
+      // buffer is reused rather than left for the GC (hundreds of them on a big image).
+      const oldest = this.blockCache.keys().next().value!;
+      b = this.blockCache.get(oldest)!;
+      this.blockCache.delete(oldest);
+    } else b = new Uint8Array(this.cs);
     if (off < this.fileLen) readAt(img.file, b, off);
-    if (cache) {
-      if (this.blockCache.size > 4096 && !this.fix) this.blockCache.clear();
-      this.blockCache.set(t, b);
-    }
+    else b.fill(0);
+    if (cache) this.blockCache.set(t, b);
     return b;
   }
 
@@ -878,7 +940,8 @@ export class CheckPass {
       }
       const end = Math.min(per, n - t * per);
       const base = t * per;
-      if (order === 4) ones16(new DataView(b.buffer, b.byteOffset, b.byteLength), ones, base, end); else {
+      if (order === 4) ones16(b, ones, base, end);
+      else {
         for (let i = 0; i < end; i++) if (getRefcount(b, i, order) === 1) ones[(base + i) >>> 3]! |= 1 << ((base + i) & 7);
       }
     }
@@ -944,7 +1007,7 @@ export class CheckPass {
       let i0 = 0;
       if (b !== null && order === 4 && a.length >= base + end) {
         // Fast path: 16-bit refcounts, stop at the first difference.
-        const h = cmp16(new DataView(b.buffer, b.byteOffset, b.byteLength), a, base, end);
+        const h = cmp16(b, a, base, end);
         i0 = h[0];
         if (h[1] >= 0) highest = h[1];
       }
