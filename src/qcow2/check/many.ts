@@ -20,10 +20,10 @@ export async function checkMany(paths: string[], opts: CheckOptions = {}, thread
   const plain: CheckOptions = { ...rest, forceShare: true };
   const results = new Array<CheckReport>(paths.length);
   const held: { file: NodeFile; lock: { release(): Promise<void> } | null }[] = [];
-  const todo: number[] = [];
+  const pending: number[] = [];
   for (let i = 0; i < paths.length; i++) {
     if (opts.forceShare) {
-      todo.push(i);
+      pending.push(i);
       continue;
     }
     let file: NodeFile | null = null;
@@ -31,21 +31,21 @@ export async function checkMany(paths: string[], opts: CheckOptions = {}, thread
       file = NodeFile.open(paths[i]!, opts.repair !== undefined);
       const lock = file.fd !== null ? await lockImage(file.fd, paths[i]!, opts.repair !== undefined ? 'write' : 'read') : null;
       held.push({ file, lock });
-      todo.push(i);
+      pending.push(i);
     } catch {
       file?.close();
       results[i] = await check(paths[i]!, opts); // reports the open or lock failure as qemu-img would
     }
   }
-  const n = Math.min(threads, todo.length);
+  const n = Math.min(threads, pending.length);
   let next = 0;
   const url = new URL('./worker.js', import.meta.url);
   await Promise.all(
     Array.from({ length: Math.max(n, 0) }, async () => {
       const w = new Worker(url);
       try {
-        while (next < todo.length) {
-          const id = todo[next++]!;
+        while (next < pending.length) {
+          const id = pending[next++]!;
           results[id] = await new Promise<CheckReport>((resolve, reject) => {
             const onMsg = (m: { id: number; report?: CheckReport; error?: string }) => {
               w.off('error', reject);
