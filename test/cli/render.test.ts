@@ -238,7 +238,9 @@ const cases: Case[] = [
   { name: 'raw data file', file: 'df.qcow2', build: create('-f', 'qcow2', '-o', `data_file=${p('df.raw')},data_file_raw=on`, '16M') },
   // LUKS images are slow to make (qemu times its key derivation), so this one also covers
   // where data-file and data-file-raw sit around encrypt.
-  { name: 'LUKS with data file', file: 'ldf.qcow2', build: create('-f', 'qcow2', ...SECRET, '-o', `${LUKS_OPTS},data_file=ldf.raw`, '16M') },
+  // An absolute data file name: qemu-img resolves a relative one against the working directory,
+  // which would drop the file into the repository.
+  { name: 'LUKS with data file', file: 'ldf.qcow2', build: (path: string) => create('-f', 'qcow2', ...SECRET, '-o', `${LUKS_OPTS},data_file=${path}.data`, '16M')(path) },
   {
     name: 'dirty and corrupt',
     file: 'dirty.qcow2',
