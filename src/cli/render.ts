@@ -251,7 +251,7 @@ const JSON_SHORT_ESCAPES: Record<string, string> = {
 };
 
 /**
- * qemu escapes everything outside printable ASCII as `\uXXXX` with upper-case hex, code
+ * qemu escapes everything outside printable ASCII as `\u` and four upper-case hex digits, code
  * points past the BMP as a surrogate pair, and does not escape `/`.
  */
 function jsonString(s: string): string {

@@ -1,19 +1,10 @@
 // Bitmap directory entries on a hand-written two-entry directory, and qemu-img's flag names.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { bytes, text } from './literal.js';
 import { bitmapFlagNames, decodeBitmapDirectory, BME_FLAG_AUTO, BME_FLAG_IN_USE } from '../../src/qcow2/format/bitmaps.js';
 import { QimgError } from '../../src/qcow2/errors.js';
 
-function bytes(...parts: ArrayLike<number>[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    out.set(Array.from(p), off);
-    off += p.length;
-  }
-  return out;
-}
-const text = (s: string): number[] => Array.from(Buffer.from(s, 'utf8'));
 
 const DIR_OFFSET = 0x60000;
 

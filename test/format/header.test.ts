@@ -3,6 +3,7 @@
 // image poked the same way).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { bytes, text, zeros } from './literal.js';
 import {
   buildExtensions,
   decodeHeader,
@@ -15,17 +16,6 @@ import { QimgError, type ErrorCode } from '../../src/qcow2/errors.js';
 
 // ---------- literal helpers (independent of src/qcow2/format/bytes.ts) ----------
 
-function bytes(...parts: ArrayLike<number>[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    out.set(Array.from(p), off);
-    off += p.length;
-  }
-  return out;
-}
-const text = (s: string): number[] => Array.from(Buffer.from(s, 'utf8'));
-const zeros = (n: number): number[] => new Array<number>(n).fill(0);
 /** A feature name table entry: type, bit, 46-byte NUL-padded name. */
 const feature = (type: number, bit: number, name: string): number[] => [type, bit, ...text(name), ...zeros(46 - text(name).length)];
 

@@ -2,6 +2,7 @@
 // the bytes encode writes back, and the errors for a table that breaks off or overreaches.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { bytes, text } from './literal.js';
 import {
   decodeSnapshotTable,
   encodeSnapshotTable,
@@ -11,16 +12,6 @@ import {
 } from '../../src/qcow2/format/snapshot-table.js';
 import { QimgError } from '../../src/qcow2/errors.js';
 
-function bytes(...parts: ArrayLike<number>[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    out.set(Array.from(p), off);
-    off += p.length;
-  }
-  return out;
-}
-const text = (s: string): number[] => Array.from(Buffer.from(s, 'utf8'));
 const ff8 = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 
 const TABLE_OFFSET = 0x50000;
