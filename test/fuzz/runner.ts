@@ -65,7 +65,10 @@ function sha(path: string): string {
 /** qemu-img check's corruption count, or null when qemu-img cannot check the image at all. Without -U:
  * qemu-img -U follows a backing file naming the image itself until it times out; with locks it refuses. */
 export function qemuCorruptions(path: string): number | null {
-  const r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', timeout: 3000, killSignal: 'SIGKILL' });
+  let r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', timeout: 3000, killSignal: 'SIGKILL' });
+  // On a loaded CI machine a sound check can outlast 3 s: a kill is not an answer, so ask once
+  // more with room to spare before calling the image uncheckable.
+  if (r.signal === 'SIGKILL') r = spawnSync('qemu-img', ['check', '--output=json', path], { encoding: 'utf8', timeout: 30000, killSignal: 'SIGKILL' });
   try {
     const j = JSON.parse(r.stdout) as { corruptions?: number; 'check-errors'?: number };
     return (j.corruptions ?? 0) + (j['check-errors'] ?? 0);
@@ -80,7 +83,7 @@ function qemuSameOp(bytes: Uint8Array, path: string, args: string[]): number | n
   writeFileSync(copy, bytes);
   try {
     const a = args.includes(path) ? args.map((x) => (x === path ? copy : x)) : [...args, copy];
-    spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 3000, killSignal: 'SIGKILL' });
+    spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 15000, killSignal: 'SIGKILL' });
     return qemuCorruptions(copy);
   } finally {
     rmSync(copy, { force: true });
