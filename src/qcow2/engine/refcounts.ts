@@ -25,6 +25,8 @@ interface Block {
   fresh: boolean;
   /** Some entry went down since the last commit (else the increase phase writes `mem` as is). */
   decreased: boolean;
+  /** Some entry went up since the last commit (else the increase phase has nothing to write). */
+  increased: boolean;
 }
 
 /** Clean refcount blocks kept after a commit (64 KiB clusters: 64 MiB of cache). */
@@ -45,7 +47,7 @@ export class Refcounts {
   private dirtyEntries = new Set<number>();
   /** Set when the reftable moved: the header must point at `location` after it is written. */
   relocatedFrom: ReftableLocation | null = null;
-  private freed = new Set<number>();
+  private freed = new ClusterBits();
   private freeHint = 0;
   /** First cluster index past the file and everything allocated. */
   endCluster: number;
@@ -116,7 +118,7 @@ export class Refcounts {
     if (off === 0) return null;
     const disk = new Uint8Array(this.clusterSize);
     readAt(this.file, disk, off);
-    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false, decreased: false };
+    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false, decreased: false, increased: false };
     this.blocks.set(t, b);
     return b;
   }
@@ -137,6 +139,7 @@ export class Refcounts {
     if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
+    if (delta > 0) b.increased = true;
     if (delta < 0) {
       b.decreased = true;
       this.fullBlocks.delete(t);
@@ -224,11 +227,19 @@ export class Refcounts {
     const order = this.refcountOrder;
     let i = from - base;
     const end = this.perBlock;
-    for (; i < end; i++) {
-      let zero: boolean;
-      if (order === 4) zero = mem[i * 2] === 0 && mem[i * 2 + 1] === 0;
-      else zero = getRefcount(mem, i, order) === 0;
-      if (zero && !this.freed.has(base + i)) return base + i;
+    const words = zeroScanView(mem, order);
+    if (words) {
+      // A native indexOf finds the next entry reading 0 (byte order does not matter for 0).
+      for (;;) {
+        i = words.indexOf(0, i);
+        if (i < 0) break;
+        if (!this.freed.has(base + i)) return base + i;
+        i++;
+      }
+    } else {
+      for (; i < end; i++) {
+        if (getRefcount(mem, i, order) === 0 && !this.freed.has(base + i)) return base + i;
+      }
     }
     if (from === base) this.fullBlocks.add(t);
     return -1;
@@ -254,7 +265,7 @@ export class Refcounts {
 
   private installBlock(t: number, ci: number): void {
     const mem = new Uint8Array(this.clusterSize);
-    this.blocks.set(t, { offset: ci * this.clusterSize, disk: new Uint8Array(this.clusterSize), mem, dirty: true, fresh: true, decreased: false });
+    this.blocks.set(t, { offset: ci * this.clusterSize, disk: new Uint8Array(this.clusterSize), mem, dirty: true, fresh: true, decreased: false, increased: true });
     this.setTableEntry(t, ci * this.clusterSize);
     if (ci + 1 > this.endCluster) this.endCluster = ci + 1;
   }
@@ -312,6 +323,7 @@ export class Refcounts {
   writeIncreases(): void {
     for (const b of this.blocks.values()) {
       if (!b.dirty) continue;
+      if (!b.fresh && b.decreased && !b.increased) continue; // only decreases: they wait for writeFinal
       if (b.fresh || !b.decreased) {
         if (b.fresh || !equalBytes(b.disk, b.mem)) this.file.write(b.mem, b.offset);
         b.disk.set(b.mem);
@@ -350,13 +362,14 @@ export class Refcounts {
       }
       b.dirty = false;
       b.decreased = false;
+      b.increased = false;
     }
     this.evictClean();
-    for (const ci of this.freed) {
-      if (ci < this.freeHint) this.freeHint = ci;
-      this.fullBlocks.delete(Math.floor(ci / this.perBlock)); // allocatable again from now on
+    if (this.freed.size > 0) {
+      if (this.freed.min < this.freeHint) this.freeHint = this.freed.min;
+      for (const t of this.freed.ranges(this.perBlock)) this.fullBlocks.delete(t); // allocatable again from now on
+      this.freed.clear();
     }
-    this.freed.clear();
   }
 
   /** Keeps memory bounded on huge images: clean blocks are re-read when needed again. */
@@ -384,6 +397,7 @@ export class Refcounts {
       if (r.lastUp + 1 > this.endCluster) this.endCluster = r.lastUp + 1;
       const down = r.down;
       b.dirty = true;
+      if (r.lastUp >= 0) b.increased = true;
       if (down) {
         b.decreased = true;
         this.fullBlocks.delete(t);
@@ -449,6 +463,59 @@ export class Refcounts {
       const i = ci - t * per;
       return order === 4 ? (mem[i * 2]! << 8) | mem[i * 2 + 1]! : getRefcount(mem, i, order);
     };
+  }
+
+  /** The in-memory (target) bytes of refcount block `t`, loaded on demand; null when the table has none. */
+  memOf(t: number): Uint8Array | null {
+    return this.block(t)?.mem ?? null;
+  }
+
+  /** Starts a batch of reference changes applied straight to the in-memory refcounts (see RefcountEdit). */
+  edit(): RefcountEdit {
+    return new RefcountEdit(this, this.perBlock, this.refcountOrder, this.maxValue);
+  }
+
+  /** RefcountEdit's bookkeeping when a batch lands: blocks to write, clusters freed, file end. */
+  settleEdit(touched: Iterable<number>, increased: boolean, decreased: boolean, zeros: number[], lastUp: number): void {
+    for (const t of touched) {
+      const b = this.blocks.get(t)!;
+      b.dirty = true;
+      if (increased) b.increased = true;
+      if (decreased) {
+        b.decreased = true;
+        this.fullBlocks.delete(t);
+      }
+    }
+    for (const ci of zeros) {
+      this.freed.add(ci);
+      this.metadata.delete(ci);
+    }
+    if (lastUp + 1 > this.endCluster) this.endCluster = lastUp + 1;
+  }
+
+  /** RefcountEdit's undo: block `t` back to `before`, or to its on-disk bytes when it was clean. */
+  restoreBlock(t: number, before: Uint8Array | null): void {
+    const b = this.blocks.get(t)!;
+    b.mem.set(before ?? b.disk);
+  }
+
+  /** Whether block `t` has changes not yet written (an edit must then save it before touching it). */
+  blockDirty(t: number): boolean {
+    return this.blocks.get(t)?.dirty ?? false;
+  }
+
+  /** The error for a reference change that would take cluster `ci` from `cur` to `cur + d`. */
+  invalidChange(ci: number, cur: number, d: number): QimgError {
+    if (d > 0 && cur === 0) {
+      return new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
+    }
+    if (cur + d < 0) return new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
+    return new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+  }
+
+  /** The error for a reference to a cluster whose range has no refcount block. */
+  noBlock(ci: number): QimgError {
+    return new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but has no refcount block`);
   }
 
   /** Everything written? (for tests and assertions) */
@@ -525,4 +592,174 @@ function raiseToMax(disk: Uint8Array, mem: Uint8Array, entries: number, order: n
     }
   }
   return changed;
+}
+
+/** A word view in which an entry reading 0 is a 0 element (orders 3..5), or null. */
+function zeroScanView(mem: Uint8Array, order: number): Uint8Array | Uint16Array | Uint32Array | null {
+  if (order === 3) return mem;
+  if (mem.byteOffset % 4 !== 0) return null;
+  if (order === 4) return new Uint16Array(mem.buffer, mem.byteOffset, mem.length >>> 1);
+  if (order === 5) return new Uint32Array(mem.buffer, mem.byteOffset, mem.length >>> 2);
+  return null;
+}
+
+/**
+ * A set of cluster indices as a bitmap that grows with the highest member: millions of freed
+ * clusters cost one bit each, not a hash-set entry each.
+ */
+export class ClusterBits {
+  private bits = new Uint8Array(0);
+  size = 0;
+  min = Infinity;
+  private max = -1;
+
+  add(ci: number): void {
+    const byte = Math.floor(ci / 8);
+    if (byte >= this.bits.length) {
+      const grown = new Uint8Array(Math.max(byte + 1, this.bits.length * 2, 4096));
+      grown.set(this.bits);
+      this.bits = grown;
+    }
+    const m = 1 << ci % 8;
+    if (this.bits[byte]! & m) return;
+    this.bits[byte] = this.bits[byte]! | m;
+    this.size++;
+    if (ci < this.min) this.min = ci;
+    if (ci > this.max) this.max = ci;
+  }
+
+  has(ci: number): boolean {
+    if (this.size === 0) return false;
+    const byte = Math.floor(ci / 8);
+    return byte < this.bits.length && (this.bits[byte]! & (1 << ci % 8)) !== 0;
+  }
+
+  /** The refcount-block ranges (index / perBlock) holding a member, ascending. */
+  ranges(perBlock: number): number[] {
+    const out: number[] = [];
+    for (let t = Math.floor(this.min / perBlock); t * perBlock <= this.max; t++) {
+      const from = Math.max(t * perBlock, this.min);
+      const to = Math.min((t + 1) * perBlock - 1, this.max);
+      for (let ci = from; ci <= to; ci++) {
+        if (ci % 8 === 0 && ci + 7 <= to && this.bits[ci / 8] === 0) {
+          ci += 7;
+          continue;
+        }
+        if (this.has(ci)) {
+          out.push(t);
+          break;
+        }
+      }
+    }
+    return out;
+  }
+
+  clear(): void {
+    if (this.size === 0) return;
+    this.bits.fill(0, Math.floor(this.min / 8), Math.floor(this.max / 8) + 1);
+    this.size = 0;
+    this.min = Infinity;
+    this.max = -1;
+  }
+}
+
+/**
+ * Reference changes applied straight to the in-memory refcounts while a tree is walked, and
+ * checked as they land: no per-cluster delta array, no second pass. A change that would take a
+ * refcount out of range (or add a reference to a cluster whose refcount is 0) stops the batch:
+ * fail() puts every touched block back as it was and throws, so nothing reaches the disk.
+ * finish() hands the touched blocks to the next commit.
+ */
+export class RefcountEdit {
+  /** log2 of the entries per block, and the mask of an index within its block. */
+  readonly shift: number;
+  readonly mask: number;
+  private touched = new Map<number, Uint8Array | null>();
+  private zeros: number[] = [];
+  /** Highest cluster whose refcount went up (the file end may move past it). */
+  lastUp = -1;
+  private decreased = false;
+  private increased = false;
+  private lastT = -1;
+  private lastMem: Uint8Array = new Uint8Array(0);
+
+  constructor(
+    private readonly refs: Refcounts,
+    readonly perBlock: number,
+    readonly order: number,
+    readonly max: number,
+  ) {
+    this.shift = Math.log2(perBlock);
+    this.mask = perBlock - 1;
+  }
+
+  /** Block `t`'s in-memory bytes, remembered as touched (its prior state kept for fail()). */
+  mem(t: number, ci: number): Uint8Array {
+    if (t === this.lastT) return this.lastMem;
+    const m = this.refs.memOf(t);
+    if (!m) throw this.undo(this.refs.noBlock(ci));
+    if (!this.touched.has(t)) this.touched.set(t, this.refs.blockDirty(t) ? m.slice() : null);
+    this.lastT = t;
+    this.lastMem = m;
+    return m;
+  }
+
+  /** Adds `d` to cluster `ci` (any refcount width); throws after undoing the batch when invalid. */
+  add(ci: number, d: number): void {
+    const t = Math.floor(ci / this.perBlock);
+    const m = this.mem(t, ci);
+    const i = ci - t * this.perBlock;
+    const cur = getRefcount(m, i, this.order);
+    const v = cur + d;
+    if ((d > 0 && cur === 0) || v < 0 || v > this.max) this.fail(ci, cur, d);
+    setRefcount(m, i, this.order, v);
+    this.noteResult(ci, d, v);
+  }
+
+  /** Bookkeeping after a hot loop changed cluster `ci` by `d` to `v` (it calls this itself). */
+  noteResult(ci: number, d: number, v: number): void {
+    if (d < 0) {
+      this.decreased = true;
+      if (v === 0) this.zeros.push(ci);
+    } else {
+      this.increased = true;
+      if (ci > this.lastUp) this.lastUp = ci;
+    }
+  }
+
+  /** Undoes the batch and throws the error for cluster `ci` going from `cur` by `d`. */
+  fail(ci: number, cur: number, d: number): never {
+    throw this.undo(this.refs.invalidChange(ci, cur, d));
+  }
+
+  /** Undoes the batch and throws: a reference at or past the end of what the refcounts cover. */
+  outOfRange(ci: number): never {
+    throw this.undo(new QimgError('CORRUPT', `cluster ${hex(ci)} referenced past the end of the image's refcount coverage`));
+  }
+
+  /** Undoes the batch (after any error of the walk feeding it). */
+  cancel(): void {
+    this.undo(new QimgError('CORRUPT', 'cancelled'));
+  }
+
+  /** Undoes the batch and returns `err` for the caller to throw (a broken table entry). */
+  abort(err: QimgError): QimgError {
+    return this.undo(err);
+  }
+
+  private undo(err: QimgError): QimgError {
+    for (const [t, before] of this.touched) this.refs.restoreBlock(t, before);
+    this.touched.clear();
+    this.zeros = [];
+    this.lastT = -1;
+    return err;
+  }
+
+  /** The batch is complete: its blocks are written at the next commit. */
+  finish(): void {
+    this.refs.settleEdit(this.touched.keys(), this.increased, this.decreased, this.zeros, this.lastUp);
+    this.touched.clear();
+    this.zeros = [];
+    this.lastT = -1;
+  }
 }

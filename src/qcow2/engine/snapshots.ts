@@ -13,8 +13,8 @@ import * as L from '../format/layout.js';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
 import type { BackingPolicy } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
-import { Refcounts } from './refcounts.js';
-import { accumulateTree, assertTreeInFile } from './tree.js';
+import { Refcounts, type RefcountEdit } from './refcounts.js';
+import { accumulateTree, applyTreeRefs, assertTreeInFile } from './tree.js';
 import { openWriter, type ImageWriter } from './writer.js';
 
 /** How a snapshot is named on the command line. */
@@ -30,9 +30,18 @@ export function findSnapshotEntry(snaps: SnapshotEntry[], ref: SnapshotRef): Sna
   return snaps.find((s) => s.id === ref.idOrName) ?? snaps.find((s) => s.name === ref.idOrName) ?? null;
 }
 
-function deltaArray(w: ImageWriter): Int32Array {
+/** Clusters a tree may reference: the file and everything allocated (past that is corruption). */
+function clusterLimit(w: ImageWriter): number {
   const img = w.img;
-  return new Int32Array(Math.max(w.refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1);
+  return Math.max(w.refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1;
+}
+
+/** `d` on every cluster each tree reaches (by its L1 table), applied to the in-memory refcounts and checked. */
+function changeTreeRefs(w: ImageWriter, trees: Array<[Uint8Array, number]>, also?: (e: RefcountEdit) => void): void {
+  const e = w.refs.edit();
+  applyTreeRefs(w.img, trees, e, clusterLimit(w));
+  also?.(e);
+  e.finish();
 }
 
 function refuseDataFile(img: Qcow2Image, verb: string, what: string): void {
@@ -65,7 +74,9 @@ export interface NewSnapshot {
 /**
  * QEMU's create order: (1) clear OFLAG_COPIED in the active tree; (2) the L1 copy in fresh
  * clusters and +1 on everything the active tree references; (3) the new snapshot table and
- * the header naming it. A crash before (3) lands leaves only leaks.
+ * the header naming it. A crash before (3) lands leaves only leaks. The +1s are applied in
+ * memory first (refusing an overflow before anything is written) and land with (1): raising
+ * refcounts early is as safe as raising them late, as long as it is before (3).
  */
 export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEntry {
   const img = w.img;
@@ -73,11 +84,8 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   if (img.snapshots.length >= L.MAX_SNAPSHOTS) throw new QimgError('UNSUPPORTED', `Could not create snapshot '${snap.name}': Too many snapshots`);
   w.commit();
   // Refuse before changing anything if a refcount would overflow.
-  const deltas = deltaArray(w);
-  accumulateTree(img, img.l1, deltas, +1, true);
-  w.refs.validateDeltas(deltas);
+  changeTreeRefs(w, [[img.l1, +1]]);
   w.clearCopied();
-  w.commit();
 
   const cs = img.clusterSize;
   const l1 = img.l1.slice();
@@ -87,7 +95,6 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
     w.file.write(l1, l1Offset); // nothing references it until the table lands
     if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
   }
-  w.refs.applyDeltas(deltas, true); // validated above, nothing changed refcounts since
   w.commit();
 
   const nameBytes = encodeString(snap.name).subarray(0, L.MAX_SNAPSHOT_NAME_BYTES);
@@ -119,6 +126,11 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
  * QEMU's apply order: (1) +1 on the snapshot's tree; (2) the active L1 overwritten in one write
  * with the snapshot's (flags clear), then -1 on the old active tree; (3) OFLAG_COPIED set where
  * the refcount is 1. The virtual size goes back to the snapshot's.
+ * qimg nets (1) and (2) in memory and lets commit() write them: refcounts that end higher are
+ * raised before the L1 write, those that end lower drop after it, and those the two trees share
+ * (+1 -1) are not written at all. On disk every refcount stays >= its true count throughout,
+ * as with QEMU's order; what differs is only that shared clusters never pass through +1. (A
+ * shared cluster already at the maximum refcount therefore does not fail the apply as in QEMU.)
  */
 export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry {
   const img = w.img;
@@ -129,24 +141,20 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
   if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Could not apply snapshot '${what}': Snapshot L1 table too large`);
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+  // Re-count first: a tree that cannot be re-counted refuses the apply with nothing written.
+  changeTreeRefs(w, [
+    [snL1, +1],
+    [img.l1, -1],
+  ]);
   w.ensureL1(sn.l1Size);
   if (sn.diskSize !== null && sn.diskSize !== img.virtualSize) w.setVirtualSize(sn.diskSize);
-
-  const up = deltaArray(w);
-  accumulateTree(img, snL1, up, +1, true);
-  w.refs.applyDeltas(up);
-  w.commit();
-
-  const down = deltaArray(w);
-  accumulateTree(img, img.l1, down, -1, true);
   const fresh = snL1.slice();
   for (let i = 0; i < fresh.length; i += 8) fresh[i] = fresh[i]! & 0x7f; // COPIED recomputed below
   w.replaceL1(fresh);
-  w.refs.applyDeltas(down);
   img.dropCaches();
   w.commit();
 
-  w.recomputeCopied(up);
+  w.recomputeCopied();
   w.commit();
   return sn;
 }
@@ -164,31 +172,28 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
   // Walk (and so validate) the snapshot's tree before anything changes: a tree that cannot be
   // read refuses the delete with the file untouched, instead of after the entry is gone.
-  const down = deltaArray(w);
-  accumulateTree(img, snL1, down, -1, true);
-  addL1Clusters(down, sn, img.clusterSize, -1);
-  w.refs.validateDeltas(down);
+  // The -1s are applied in memory now, so a tree that cannot be re-counted refuses the delete
+  // before anything is written; commit() writes decreases only after the header names the new
+  // table, which is QEMU's order.
   assertTreeInFile(img, img.l1); // the OFLAG_COPIED pass at the end reads the active tree
+  changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1));
 
   const entries = img.snapshots.filter((s) => s !== sn);
   w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
+  img.dropCaches();
   w.commit();
   img.snapshots = entries;
 
-  w.refs.applyDeltas(down);
-  img.dropCaches();
-  w.commit();
-
-  w.recomputeCopied(down);
+  w.recomputeCopied();
   w.commit();
   return sn;
 }
 
-function addL1Clusters(deltas: Int32Array, sn: SnapshotEntry, cs: number, d: number): void {
+function addL1Clusters(e: RefcountEdit, sn: SnapshotEntry, cs: number, d: number): void {
   if (sn.l1Size === 0) return;
   const first = Math.floor(sn.l1TableOffset / cs);
   const last = Math.floor((sn.l1TableOffset + sn.l1Size * 8 - 1) / cs);
-  for (let c = first; c <= last; c++) deltas[c] = deltas[c]! + d;
+  for (let c = first; c <= last; c++) e.add(c, d);
 }
 
 /** Table entries and clusters snapshotFreedBytes may visit in all (about a second of work). */
@@ -224,7 +229,10 @@ export function snapshotFreedBytes(img: Qcow2Image): Map<string, number> {
     for (let i = 0; i < l1.length; i += 8) if (l1[i + 1] || l1[i + 2] || l1[i + 3] || l1[i + 4] || l1[i + 5] || l1[i + 6]) work += img.l2Entries;
     if (work > FREED_BYTES_WORK_BUDGET) break;
     accumulateTree(img, l1, deltas, -1);
-    addL1Clusters(deltas, sn, img.clusterSize, -1);
+    if (sn.l1Size > 0) {
+      const cs = img.clusterSize;
+      for (let c = Math.floor(sn.l1TableOffset / cs); c <= Math.floor((sn.l1TableOffset + sn.l1Size * 8 - 1) / cs); c++) deltas[c] = deltas[c]! - 1;
+    }
     let freed = 0;
     for (let c = 0; c < n; c++) {
       const d = deltas[c]!;

@@ -2,11 +2,12 @@
 // and the per-cluster reference deltas a snapshot operation needs.
 
 import { QimgError, hex } from '../errors.js';
-import { be32, u32, words32 } from '../format/bytes.js';
+import { LITTLE_ENDIAN_HOST, be32, u32, words32 } from '../format/bytes.js';
 import { compressedByteLength, compressedOffset, corruptEntry, entryOffset, l2EntryProblem } from '../format/entries.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
 import type { Qcow2Image } from './qcow2-image.js';
+import type { RefcountEdit } from './refcounts.js';
 
 /** Largest single read when L2 tables are adjacent on disk. */
 const MAX_COALESCED_READ = 8 * 1024 * 1024;
@@ -144,4 +145,139 @@ function accumulateTable(table: Uint8Array, off: number, deltas: Int32Array, dd:
 function bump(deltas: Int32Array, ci: number, d: number): void {
   if (ci >= deltas.length) throw new QimgError('CORRUPT', `cluster ${hex(ci)} referenced past the end of the image's refcount coverage`);
   deltas[ci] = deltas[ci]! + d;
+}
+
+/**
+ * Adds `d` to the refcount of every host cluster each of `trees` reaches through its L1 table
+ * (same counting as accumulateTree), straight into the in-memory refcount blocks through
+ * `edit`, checking each change as it lands: one pass over the L2 tables, no per-cluster delta
+ * array. An L2 table reached from several trees is walked once with the sum of their changes,
+ * and not at all when they cancel (a snapshot apply between trees that share tables). A broken
+ * entry, a reference at or past cluster `limit`, or a refcount out of range undoes the edit and
+ * throws. The caller adds anything else and calls edit.finish().
+ */
+export function applyTreeRefs(img: Qcow2Image, trees: Array<[l1: Uint8Array, d: number]>, edit: RefcountEdit, limit: number): void {
+  const cs = img.clusterSize;
+  const net = new Map<number, number>();
+  for (const [l1, d] of trees) {
+    for (let i = 0; i * 8 < l1.length; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      if ((hi & L.L1E_RESERVED_HI) !== 0 || (lo & L.L1E_RESERVED_LO) !== 0) throw corruptEntry('L1 table', 0, i, 'has reserved bits set');
+    }
+    for (const off of l2Offsets(img, l1)) net.set(off, (net.get(off) ?? 0) + d);
+  }
+  const offsets = [...net].filter(([, dd]) => dd !== 0).map(([off]) => off);
+  const ew = img.extendedL2 ? 16 : 8;
+  const cb = img.clusterBits;
+  const fast16 = edit.order === 4 && LITTLE_ENDIAN_HOST; // byte swaps written out for little-endian hosts
+  try {
+    forEachL2(img, offsets, (off, table) => {
+      const dd = net.get(off)!;
+      edit.add(checkedCluster(off / cs, limit, edit), dd);
+      const words = words32(table);
+      if (fast16 && words !== null) applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit);
+      else applyTableAny(table, off, edit, dd, cb, ew, img.extendedL2, limit);
+    });
+  } catch (err) {
+    edit.cancel(); // a table past the end of the file, say: nothing of the batch stays
+    throw err;
+  }
+}
+
+function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
+  if (ci >= limit) edit.outOfRange(ci);
+  return ci;
+}
+
+
+/**
+ * The hot loop of snapshot create/apply/delete for 16-bit refcounts (the default width) on a
+ * little-endian host: one L2 table's references applied to the refcount blocks through
+ * Uint16Array views with the byte swaps written out (a host-order test inside the loop costs
+ * ~40%), integer math while the cluster index fits in 31 bits.
+ */
+function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): void {
+  const hiShift = 32 - cb;
+  const intHi = 2 ** (cb - 1); // hiOff below this: the cluster index is under 2^31, integer math
+  const alignMask = (2 ** cb - 1) & L.OFFSET_MASK_LO; // offset bits below the cluster size
+  const shift = edit.shift;
+  const mask = edit.mask;
+  const max = edit.max;
+  const COMPRESSED = L.OFLAG_COMPRESSED_HI;
+  const MASK_HI = L.OFFSET_MASK_HI;
+  const ZERO = extL2 ? L.OFLAG_ZERO_LO : 0;
+  let lastT = -1;
+  let m16: Uint16Array = new Uint16Array(0);
+  let top = -1;
+  for (let w = 0; w < words.length; w += step) {
+    const a = words[w]!;
+    const b = words[w + 1]!;
+    if ((a | b) === 0) continue;
+    // Big-endian words as int32s (sign bits are fine: only masked bits are used).
+    const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
+    const lo = ((b & 0xff) << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24);
+    if (hi & COMPRESSED) {
+      compressedRefs(hi >>> 0, lo >>> 0, cb, edit, dd, limit);
+      continue;
+    }
+    if ((lo & alignMask) !== 0 || (lo & ZERO) !== 0) {
+      throw edit.abort(corruptEntry('L2 table', off, w / step, l2EntryProblem(hi >>> 0, lo >>> 0, 2 ** cb, extL2) ?? 'is invalid'));
+    }
+    const hiOff = hi & MASK_HI;
+    if (hiOff >= intHi) {
+      edit.add(checkedCluster(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb, limit, edit), dd); // past 2^31 clusters
+      continue;
+    }
+    const ci = (hiOff << hiShift) | (lo >>> cb);
+    if (ci === 0) continue;
+    if (ci >= limit) edit.outOfRange(ci);
+    const t = ci >>> shift;
+    if (t !== lastT) {
+      const m = edit.mem(t, ci);
+      m16 = new Uint16Array(m.buffer, m.byteOffset, m.length >>> 1);
+      lastT = t;
+    }
+    const i = ci & mask;
+    const r = m16[i]!;
+    const cur = ((r & 0xff) << 8) | (r >>> 8);
+    const v = cur + dd;
+    if (cur === 0 || v < 0 || v > max) edit.fail(ci, cur, dd);
+    m16[i] = ((v & 0xff) << 8) | (v >>> 8);
+    if (v === 0) edit.noteResult(ci, dd, 0);
+    if (ci > top) top = ci;
+  }
+  if (dd < 0) edit.noteResult(-1, dd, 1);
+  else if (top >= 0) edit.noteResult(top, dd, 1);
+}
+
+/** The same for any refcount width or an unaligned table buffer (through edit.add). */
+function applyTableAny(table: Uint8Array, off: number, edit: RefcountEdit, dd: number, cb: number, ew: number, extL2: boolean, limit: number): void {
+  const cs = 2 ** cb;
+  for (let e = 0; e < table.length; e += ew) {
+    const hi = u32(table, e);
+    const lo = u32(table, e + 4);
+    if (hi === 0 && lo === 0) continue;
+    if (hi & L.OFLAG_COMPRESSED_HI) {
+      compressedRefs(hi, lo, cb, edit, dd, limit);
+      continue;
+    }
+    const offLo = (lo & L.OFFSET_MASK_LO) >>> 0;
+    if (offLo % cs !== 0 || (extL2 && (lo & L.OFLAG_ZERO_LO) !== 0)) {
+      throw edit.abort(corruptEntry('L2 table', off, e / ew, l2EntryProblem(hi, lo, cs, extL2) ?? 'is invalid'));
+    }
+    const hostOff = entryOffset(hi, lo);
+    if (hostOff === 0) continue;
+    edit.add(checkedCluster(hostOff / cs, limit, edit), dd);
+  }
+}
+
+/** Every host cluster a compressed cluster's sectors touch. */
+function compressedRefs(hi: number, lo: number, cb: number, edit: RefcountEdit, dd: number, limit: number): void {
+  const cs = 2 ** cb;
+  const co = compressedOffset(hi, lo, cb);
+  const len = compressedByteLength(hi, lo, cb);
+  const first = Math.floor(co / cs);
+  const last = Math.floor((co + len - 1) / cs);
+  for (let c = first; c <= last; c++) edit.add(checkedCluster(c, limit, edit), dd);
 }

@@ -3,7 +3,7 @@
 
 import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
-import { be32, setU32, setU64, u32, words32 } from '../format/bytes.js';
+import { LITTLE_ENDIAN_HOST, setU32, setU64, u32, words32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
 import { encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
@@ -619,44 +619,50 @@ export class ImageWriter {
   }
 
   /**
-   * Sets OFLAG_COPIED in the active tree exactly where the refcount is 1, looking only at
-   * clusters whose refcount this operation changed (`deltas[c] !== 0`) and at every L1 entry.
+   * Sets OFLAG_COPIED in the active tree exactly where the refcount is 1 and clears it elsewhere
+   * (QEMU recomputes the whole active tree after a snapshot apply or delete).
    */
-  recomputeCopied(deltas: Int32Array | null): void {
+  recomputeCopied(): void {
     this.guard();
+    // Setting a flag is safe once the refcount of 1 it claims is on disk: commit first.
+    this.commit();
     const img = this.img;
     const cs = this.clusterSize;
-    const rc = this.refs.reader();
-    const ew = this.entryWidth();
+    const refs = this.refs;
     const tables: number[] = [];
     for (let i = 0; i * 8 < img.l1.length; i++) {
       const hi = u32(img.l1, i * 8);
       const lo = u32(img.l1, i * 8 + 4);
       const off = entryOffset(hi, lo);
       if (off === 0) continue;
-      tables.push(off);
-      const want = rc(off / cs) === 1;
+      const want = refs.get(off / cs) === 1;
+      // A shared table (refcount > 1) has every data cluster shared too, so all its flags are
+      // clear — as the snapshot that first shared it left them: only unshared tables are read.
+      if (want) tables.push(off);
       if (want !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
         setU32(img.l1, i * 8, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
         this.dirtyL1.add(i);
       }
     }
-    forEachL2(img, tables, (off, table) => {
-      const copy = copiedFixes(table, img.dirtyL2.get(off) ?? null, deltas, this.refs, img.clusterBits, ew);
-      if (copy) {
-        img.dirtyL2.set(off, copy);
-        img.uncacheL2(off);
-        this.maybeCommit();
-      }
-    });
+    const ew = this.entryWidth();
+    const cb = img.clusterBits;
+    this.rewriteL2InPlace(tables, (table) => copiedFixes(table, refs, cb, ew));
   }
 
-  /** Clears OFLAG_COPIED in the whole active tree (before a snapshot shares it). */
+  /**
+   * Clears OFLAG_COPIED in the whole active tree (before a snapshot shares it), on disk at once:
+   * the tables are rewritten in place and flushed here, because a refcount raised to 2 while a
+   * flag still says 1 is a corruption, so the flags must be durable before the +1s that a
+   * snapshot create has pending in memory are committed. Clearing is safe at any moment (it only
+   * costs an extra copy on the next guest write).
+   */
   clearCopied(): void {
     this.guard();
     const img = this.img;
+    if (img.dirtyL2.size || this.oldL1 || this.l1Replaced) this.commit(); // tables must be the ones on disk
     const ew = this.entryWidth();
     const tables: number[] = [];
+    let l1Changed = false;
     for (let i = 0; i * 8 < img.l1.length; i++) {
       const hi = u32(img.l1, i * 8);
       const off = entryOffset(hi, u32(img.l1, i * 8 + 4));
@@ -664,22 +670,36 @@ export class ImageWriter {
       tables.push(off);
       if (hi & L.OFLAG_COPIED_HI) {
         setU32(img.l1, i * 8, (hi & ~L.OFLAG_COPIED_HI) >>> 0);
-        this.dirtyL1.add(i);
+        l1Changed = true;
       }
     }
-    forEachL2(img, tables, (off, table) => {
-      let copy: Uint8Array | null = null;
+    this.rewriteL2InPlace(tables, (table) => {
+      let changed = false;
       for (let e = 0; e < table.length; e += ew) {
         if (table[e]! & 0x80) {
-          copy ??= img.dirtyL2.get(off) ?? table.slice();
-          copy[e] = copy[e]! & 0x7f;
+          table[e] = table[e]! & 0x7f;
+          changed = true;
         }
       }
-      if (copy) {
-        img.dirtyL2.set(off, copy);
-        img.uncacheL2(off);
-        this.maybeCommit(); // safe at any point: a clear flag only costs an extra copy
-      }
+      return changed;
+    });
+    if (l1Changed) {
+      this.file.write(img.l1, this.header.l1TableOffset);
+      this.dirtyL1.clear();
+    }
+    this.file.flush();
+  }
+
+  /**
+   * Rewrites L2 tables in place, streaming: each run of tables is read, fixed by `fix` (true:
+   * changed) and written straight back, never held in memory. Only for OFLAG_COPIED changes,
+   * which callers make safe: clearing is safe at any moment, setting once the refcounts are on disk.
+   */
+  private rewriteL2InPlace(tables: number[], fix: (table: Uint8Array) => boolean): void {
+    forEachL2(this.img, tables, (off, table) => {
+      if (!fix(table)) return;
+      this.hostWrite(table, off);
+      this.img.uncacheL2(off);
     });
   }
 
@@ -774,45 +794,72 @@ export class ImageWriter {
 }
 
 /**
- * One L2 table's OFLAG_COPIED corrections (the hot loop of recomputeCopied, kept a plain
- * function on integer arithmetic): returns the corrected copy, or null when nothing changes.
- * Only entries whose cluster's refcount changed (deltas != 0) are looked at, when deltas given.
+ * One L2 table's OFLAG_COPIED corrections, made in place (the hot loop of recomputeCopied):
+ * true when anything changed.
  */
-function copiedFixes(table: Uint8Array, dirty: Uint8Array | null, deltas: Int32Array | null, refs: Refcounts, cb: number, ew: number): Uint8Array | null {
+function copiedFixes(table: Uint8Array, refs: Refcounts, cb: number, ew: number): boolean {
   const words = words32(table);
-  const step = ew >>> 2;
-  const hiScale = 2 ** (32 - cb);
+  if (words !== null && LITTLE_ENDIAN_HOST && refs.refcountOrder === 4) return copiedFixes16(words, refs, cb, ew >>> 2);
+  const cs = 2 ** cb;
+  let changed = false;
+  for (let e = 0; e < table.length; e += ew) {
+    const hi = u32(table, e);
+    const lo = u32(table, e + 4);
+    if (hi & L.OFLAG_COMPRESSED_HI) continue;
+    const off = entryOffset(hi, lo);
+    if (off === 0) continue;
+    const want = refs.get(off / cs) === 1;
+    if (want === ((hi & L.OFLAG_COPIED_HI) !== 0)) continue;
+    setU32(table, e, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
+    changed = true;
+  }
+  return changed;
+}
+
+/**
+ * copiedFixes for 16-bit refcounts on a little-endian host, the common case, written like
+ * tree.ts applyTable16: byte swaps spelled out, integer cluster indices below 2^31, refcount
+ * blocks read through Uint16Array views. OFLAG_COPIED is bit 7 of a table word's first byte,
+ * which is the low byte of the host-order word.
+ */
+function copiedFixes16(words: Uint32Array, refs: Refcounts, cb: number, step: number): boolean {
+  const hiShift = 32 - cb;
+  const intHi = 2 ** (cb - 1);
+  const per = refs.perBlock;
+  const shift = Math.log2(per);
+  const mask = per - 1;
   const COMPRESSED = L.OFLAG_COMPRESSED_HI;
-  const COPIED = L.OFLAG_COPIED_HI;
   const MASK_HI = L.OFFSET_MASK_HI;
   const MASK_LO = L.OFFSET_MASK_LO;
-  const rc = refs.reader();
-  let copy: Uint8Array | null = null;
-  for (let w = 0; w < table.length >>> 2; w += step) {
-    let hi: number;
-    let lo: number;
-    if (words !== null) {
-      const a = words[w]!;
-      const b = words[w + 1]!;
-      if (a === 0 && b === 0) continue;
-      hi = be32(a);
-      lo = be32(b);
-    } else {
-      hi = u32(table, w * 4);
-      lo = u32(table, w * 4 + 4);
-    }
+  let lastT = -1;
+  let m16: Uint16Array | null = null;
+  let changed = false;
+  for (let w = 0; w < words.length; w += step) {
+    const a = words[w]!;
+    const b = words[w + 1]!;
+    if ((a | b) === 0) continue;
+    const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
+    const lo = ((b & 0xff) << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24);
     if (hi & COMPRESSED) continue;
     const hiOff = hi & MASK_HI;
-    const loOff = (lo & MASK_LO) >>> 0;
-    if (hiOff === 0 && loOff === 0) continue;
-    const ci = hiOff * hiScale + (loOff >>> cb);
-    if (deltas !== null && (ci >= deltas.length || deltas[ci] === 0)) continue;
-    const want = rc(ci) === 1;
-    if (want === ((hi & COPIED) !== 0)) continue;
-    copy ??= dirty ?? table.slice();
-    setU32(copy, w * 4, want ? (hi | COPIED) >>> 0 : (hi & ~COPIED) >>> 0);
+    let rc: number;
+    if (hiOff < intHi) {
+      const ci = (hiOff << hiShift) | ((lo & MASK_LO) >>> cb);
+      if (ci === 0) continue;
+      const t = ci >>> shift;
+      if (t !== lastT) {
+        lastT = t;
+        const mem = refs.memOf(t);
+        m16 = mem ? new Uint16Array(mem.buffer, mem.byteOffset, mem.length >>> 1) : null;
+      }
+      const r = m16 !== null ? m16[ci & mask]! : 0;
+      rc = ((r & 0xff) << 8) | (r >>> 8);
+    } else rc = refs.get(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb); // past 2^31 clusters
+    if ((rc === 1) === ((a & 0x80) !== 0)) continue;
+    words[w] = rc === 1 ? a | 0x80 : a & ~0x80;
+    changed = true;
   }
-  return copy;
+  return changed;
 }
 
 /** QEMU's "zlib" type: raw deflate, no zlib header. */

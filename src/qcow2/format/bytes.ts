@@ -77,7 +77,7 @@ export function isAligned(n: number, a: number): boolean {
   return n % a === 0;
 }
 
-const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+export const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 /**
  * A Uint32Array over `buf` (which must be 4-byte aligned) for hot loops over table entries;
