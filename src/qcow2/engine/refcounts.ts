@@ -676,6 +676,11 @@ export class RefcountEdit {
   readonly mask: number;
   private touched = new Map<number, Uint8Array | null>();
   private zeros: number[] = [];
+  /**
+   * L2 tables (by offset) walked with a decrease in which every data cluster ended at refcount 1
+   * (applyTreeRefs fills it): after a snapshot delete their OFLAG_COPIED flags are all known.
+   */
+  readonly endedAtOne = new Set<number>();
   /** Highest cluster whose refcount went up (the file end may move past it). */
   lastUp = -1;
   private decreased = false;
@@ -735,6 +740,11 @@ export class RefcountEdit {
   /** Undoes the batch and throws: a reference at or past the end of what the refcounts cover. */
   outOfRange(ci: number): never {
     throw this.undo(new QimgError('CORRUPT', `cluster ${hex(ci)} referenced past the end of the image's refcount coverage`));
+  }
+
+  /** How many clusters reached refcount 0 so far in this batch. */
+  get zeroCount(): number {
+    return this.zeros.length;
   }
 
   /** Undoes the batch (after any error of the walk feeding it). */

@@ -36,12 +36,18 @@ function clusterLimit(w: ImageWriter): number {
   return Math.max(w.refs.endCluster, Math.ceil(img.fileSize / img.clusterSize)) + 1;
 }
 
-/** `d` on every cluster each tree reaches (by its L1 table), applied to the in-memory refcounts and checked. */
-function changeTreeRefs(w: ImageWriter, trees: Array<[Uint8Array, number]>, also?: (e: RefcountEdit) => void): void {
+/**
+ * `d` on every cluster each tree reaches (by its L1 table), applied to the in-memory refcounts
+ * and checked. Returns the L2 tables whose data clusters all ended at refcount 1 — when no
+ * cluster reached 0, so that those values are final (see ImageWriter.recomputeCopied).
+ */
+function changeTreeRefs(w: ImageWriter, trees: Array<[Uint8Array, number]>, also?: (e: RefcountEdit) => void): Set<number> {
   const e = w.refs.edit();
   applyTreeRefs(w.img, trees, e, clusterLimit(w));
+  const final = e.zeroCount === 0;
   also?.(e);
   e.finish();
+  return final ? e.endedAtOne : new Set();
 }
 
 function refuseDataFile(img: Qcow2Image, verb: string, what: string): void {
@@ -176,7 +182,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   // before anything is written; commit() writes decreases only after the header names the new
   // table, which is QEMU's order.
   assertTreeInFile(img, img.l1); // the OFLAG_COPIED pass at the end reads the active tree
-  changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1));
+  const atOne = changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1));
 
   const entries = img.snapshots.filter((s) => s !== sn);
   w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
@@ -184,7 +190,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   w.commit();
   img.snapshots = entries;
 
-  w.recomputeCopied();
+  w.recomputeCopied(atOne);
   w.commit();
   return sn;
 }

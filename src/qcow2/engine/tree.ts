@@ -176,8 +176,9 @@ export function applyTreeRefs(img: Qcow2Image, trees: Array<[l1: Uint8Array, d: 
       const dd = net.get(off)!;
       edit.add(checkedCluster(off / cs, limit, edit), dd);
       const words = words32(table);
-      if (fast16 && words !== null) applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit);
-      else applyTableAny(table, off, edit, dd, cb, ew, img.extendedL2, limit);
+      if (fast16 && words !== null) {
+        if (applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit) && dd < 0) edit.endedAtOne.add(off);
+      } else applyTableAny(table, off, edit, dd, cb, ew, img.extendedL2, limit);
     });
   } catch (err) {
     edit.cancel(); // a table past the end of the file, say: nothing of the batch stays
@@ -195,9 +196,10 @@ function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
  * The hot loop of snapshot create/apply/delete for 16-bit refcounts (the default width) on a
  * little-endian host: one L2 table's references applied to the refcount blocks through
  * Uint16Array views with the byte swaps written out (a host-order test inside the loop costs
- * ~40%), integer math while the cluster index fits in 31 bits.
+ * ~40%), integer math while the cluster index fits in 31 bits. True when every data cluster
+ * (not compressed) it changed ended at refcount 1.
  */
-function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): void {
+function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): boolean {
   const hiShift = 32 - cb;
   const intHi = 2 ** (cb - 1); // hiOff below this: the cluster index is under 2^31, integer math
   const alignMask = (2 ** cb - 1) & L.OFFSET_MASK_LO; // offset bits below the cluster size
@@ -210,6 +212,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
   let lastT = -1;
   let m16: Uint16Array = new Uint16Array(0);
   let top = -1;
+  let allOne = true;
   for (let w = 0; w < words.length; w += step) {
     const a = words[w]!;
     const b = words[w + 1]!;
@@ -227,6 +230,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
     const hiOff = hi & MASK_HI;
     if (hiOff >= intHi) {
       edit.add(checkedCluster(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb, limit, edit), dd); // past 2^31 clusters
+      allOne = false;
       continue;
     }
     const ci = (hiOff << hiShift) | (lo >>> cb);
@@ -244,11 +248,15 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
     const v = cur + dd;
     if (cur === 0 || v < 0 || v > max) edit.fail(ci, cur, dd);
     m16[i] = ((v & 0xff) << 8) | (v >>> 8);
-    if (v === 0) edit.noteResult(ci, dd, 0);
+    if (v !== 1) {
+      allOne = false;
+      if (v === 0) edit.noteResult(ci, dd, 0);
+    }
     if (ci > top) top = ci;
   }
   if (dd < 0) edit.noteResult(-1, dd, 1);
   else if (top >= 0) edit.noteResult(top, dd, 1);
+  return allOne;
 }
 
 /** The same for any refcount width or an unaligned table buffer (through edit.add). */

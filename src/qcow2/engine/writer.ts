@@ -620,9 +620,12 @@ export class ImageWriter {
 
   /**
    * Sets OFLAG_COPIED in the active tree exactly where the refcount is 1 and clears it elsewhere
-   * (QEMU recomputes the whole active tree after a snapshot apply or delete).
+   * (QEMU recomputes the whole active tree after a snapshot apply or delete). `allAtOne`: L2
+   * tables in which every data cluster is known to have refcount 1 now (the walk that just
+   * lowered them saw each at 1 and none reached 0 after): every allocated, uncompressed entry
+   * of those gets the flag without a refcount lookup.
    */
-  recomputeCopied(): void {
+  recomputeCopied(allAtOne: ReadonlySet<number> = new Set()): void {
     this.guard();
     // Setting a flag is safe once the refcount of 1 it claims is on disk: commit first.
     this.commit();
@@ -646,7 +649,7 @@ export class ImageWriter {
     }
     const ew = this.entryWidth();
     const cb = img.clusterBits;
-    this.rewriteL2InPlace(tables, (table) => copiedFixes(table, refs, cb, ew));
+    this.rewriteL2InPlace(tables, (table, off) => (allAtOne.has(off) ? setAllCopied(table, ew) : copiedFixes(table, refs, cb, ew)));
   }
 
   /**
@@ -695,9 +698,9 @@ export class ImageWriter {
    * changed) and written straight back, never held in memory. Only for OFLAG_COPIED changes,
    * which callers make safe: clearing is safe at any moment, setting once the refcounts are on disk.
    */
-  private rewriteL2InPlace(tables: number[], fix: (table: Uint8Array) => boolean): void {
+  private rewriteL2InPlace(tables: number[], fix: (table: Uint8Array, offset: number) => boolean): void {
     forEachL2(this.img, tables, (off, table) => {
-      if (!fix(table)) return;
+      if (!fix(table, off)) return;
       this.hostWrite(table, off);
       this.img.uncacheL2(off);
     });
@@ -811,6 +814,36 @@ function copiedFixes(table: Uint8Array, refs: Refcounts, cb: number, ew: number)
     const want = refs.get(off / cs) === 1;
     if (want === ((hi & L.OFLAG_COPIED_HI) !== 0)) continue;
     setU32(table, e, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
+    changed = true;
+  }
+  return changed;
+}
+
+/** OFLAG_COPIED on every allocated, uncompressed entry (all their refcounts are known to be 1). */
+function setAllCopied(table: Uint8Array, ew: number): boolean {
+  const words = words32(table);
+  let changed = false;
+  if (words !== null && LITTLE_ENDIAN_HOST) {
+    // Host-order words of big-endian entries: the flag byte is the low byte of the first word,
+    // and the offset bits are masked as they lie in memory.
+    const step = ew >>> 2;
+    for (let w = 0; w < words.length; w += step) {
+      const a = words[w]!;
+      if ((a & 0xc0) !== 0) continue; // flag set already, or compressed
+      if (((a & 0xffffff00) | (words[w + 1]! & 0x00feffff)) === 0) continue; // unallocated
+      words[w] = a | 0x80;
+      changed = true;
+    }
+    return changed;
+  }
+  for (let e = 0; e < table.length; e += ew) {
+    const b0 = table[e]!;
+    if (b0 & 0x80) continue;
+    if (b0 & 0x40) continue; // compressed
+    const hi = u32(table, e);
+    const lo = u32(table, e + 4);
+    if ((hi & L.OFFSET_MASK_HI) === 0 && (lo & L.OFFSET_MASK_LO) === 0) continue; // unallocated
+    table[e] = b0 | 0x80;
     changed = true;
   }
   return changed;
