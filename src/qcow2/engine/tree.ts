@@ -191,7 +191,6 @@ function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
   return ci;
 }
 
-
 /**
  * The hot loop of snapshot create/apply/delete for 16-bit refcounts (the default width) on a
  * little-endian host: one L2 table's references applied to the refcount blocks through
