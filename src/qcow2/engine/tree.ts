@@ -212,27 +212,39 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
   let m16: Uint16Array = new Uint16Array(0);
   let top = -1;
   let allOne = true;
+  // The high word of the last plain data entry, and its part of the cluster index: a run of
+  // entries sharing that word (flags and offset bits 32..55, the usual case) skips its decoding.
+  let runA = -1;
+  let runBase = 0;
+  const runMask = alignMask | ZERO;
   for (let w = 0; w < words.length; w += step) {
     const a = words[w]!;
     const b = words[w + 1]!;
-    if ((a | b) === 0) continue;
     // Big-endian words as int32s (sign bits are fine: only masked bits are used).
-    const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
     const lo = ((b & 0xff) << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24);
-    if (hi & COMPRESSED) {
-      compressedRefs(hi >>> 0, lo >>> 0, cb, edit, dd, limit);
-      continue;
+    let ci: number;
+    if (a === runA && (lo & runMask) === 0) {
+      ci = runBase | (lo >>> cb); // same high word as the last plain data entry
+    } else {
+      if ((a | b) === 0) continue;
+      const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
+      if (hi & COMPRESSED) {
+        compressedRefs(hi >>> 0, lo >>> 0, cb, edit, dd, limit);
+        continue;
+      }
+      if ((lo & runMask) !== 0) {
+        throw edit.abort(corruptEntry('L2 table', off, w / step, l2EntryProblem(hi >>> 0, lo >>> 0, 2 ** cb, extL2) ?? 'is invalid'));
+      }
+      const hiOff = hi & MASK_HI;
+      if (hiOff >= intHi) {
+        edit.add(checkedCluster(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb, limit, edit), dd); // past 2^31 clusters
+        allOne = false;
+        continue;
+      }
+      runA = a;
+      runBase = hiOff << hiShift;
+      ci = runBase | (lo >>> cb);
     }
-    if ((lo & alignMask) !== 0 || (lo & ZERO) !== 0) {
-      throw edit.abort(corruptEntry('L2 table', off, w / step, l2EntryProblem(hi >>> 0, lo >>> 0, 2 ** cb, extL2) ?? 'is invalid'));
-    }
-    const hiOff = hi & MASK_HI;
-    if (hiOff >= intHi) {
-      edit.add(checkedCluster(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb, limit, edit), dd); // past 2^31 clusters
-      allOne = false;
-      continue;
-    }
-    const ci = (hiOff << hiShift) | (lo >>> cb);
     if (ci === 0) continue;
     if (ci >= limit) edit.outOfRange(ci);
     const t = ci >>> shift;
