@@ -718,6 +718,10 @@ export class ImageWriter {
    *   3. refcounts that go DOWN, flush — only now does nothing on disk point at freed clusters.
    * Guest data was written to clusters nothing referenced yet (or in place), before step 1's flush.
    * On a failed write the writer refuses further work: the file is crash-consistent, memory is not.
+   * The one exception to "only commit() writes tables": OFLAG_COPIED rewrites of whole trees
+   * (clearCopied, recomputeCopied) stream tables straight back to disk, because holding 128 MiB
+   * of flag changes for a 1 TiB image is what they would cost otherwise; each states why its
+   * flag change is safe at that moment (clearing: always; setting: right after a commit).
    */
   commit(): void {
     this.guard();
