@@ -16,6 +16,7 @@ import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
+import { rewriteSnapshotTable } from './snapshot-fix.js';
 
 export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
@@ -283,13 +284,25 @@ export class CheckPass {
 
   /** qcow2_co_check_locked: snapshot table, refcounts, then marking the image clean. */
   run(): CheckCounts {
+    let snap;
     try {
-      readSnapshotsForCheck(this.img, this.msgs, this.prog);
+      snap = readSnapshotsForCheck(this.img, this.msgs, this.prog, (this.fix & FIX_ERRORS) !== 0);
     } catch (err) {
       if (err instanceof CheckAbort) this.res.checkErrors++;
       throw err;
     }
     this.checkRefcounts();
+    // qcow2_check_fix_snapshot_table: entries read leniently are written back once the refcounts
+    // are sound (the new table needs clusters allocated).
+    if (snap.corruptions && this.fix & FIX_ERRORS) {
+      const freed = rewriteSnapshotTable(this.img);
+      this.fileLen = this.img.file.size();
+      if (freed.length) this.discardClusters(freed);
+      snap.corruptionsFixed += snap.corruptions;
+      snap.corruptions = 0;
+    }
+    this.res.corruptions += snap.corruptions;
+    this.res.corruptionsFixed += snap.corruptionsFixed;
     if (this.fix && this.res.checkErrors === 0 && this.res.corruptions === 0) this.markCleanAndConsistent();
     return this.res;
   }
