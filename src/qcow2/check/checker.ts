@@ -68,6 +68,7 @@ const TWO32 = 0x100000000;
 const READONLY_CACHED_BLOCKS = 16;
 
 const EMPTY = new Uint8Array(0);
+const EMPTY32 = new Int32Array(0);
 const cmpOut: [number, number] = [0, -1];
 
 /** Whether typed-array views read memory little-endian (the word-at-a-time loops below assume it). */
@@ -77,28 +78,30 @@ const LE = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 function cmp16(b: Uint8Array, a: ArrayLike<number>, base: number, end: number): [number, number] {
   let highest = -1;
   let i = 0;
-  if (LE && a instanceof Uint8Array && (b.byteOffset & 3) === 0 && ((a.byteOffset + base) & 1) === 0) {
-    // Two entries per step: big-endian pairs (0, c0), (0, c1) read as one little-endian word are
-    // c0 << 8 | c1 << 24, and byte counters c0, c1 read as one little-endian u16 are c0 | c1 << 8.
-    const pairs = end >>> 1;
-    const w = new Int32Array(b.buffer, b.byteOffset, pairs);
-    const a16 = new Uint16Array(a.buffer, a.byteOffset + base, pairs);
+  if (LE && a instanceof Uint8Array && (b.byteOffset & 3) === 0 && ((a.byteOffset + base) & 3) === 0) {
+    // Four entries per step: big-endian pairs (0, c0) .. (0, c3) read as two little-endian words
+    // have zero high bytes (mask 0x00ff00ff) and carry c0..c3 in bytes 1 and 3 of each, which
+    // must equal four byte counters read as one little-endian word.
+    const quads = end >>> 2;
+    const w = new Int32Array(b.buffer, b.byteOffset, quads * 2);
+    const a32 = new Int32Array(a.buffer, a.byteOffset + base, quads);
     let k = 0;
     let hk = -1;
-    for (; k < pairs; k++) {
-      const x = a16[k]!;
-      const s = w[k]!;
-      if (s !== (((x & 0xff) << 8) | ((x & 0xff00) << 16))) break;
-      if (s !== 0) hk = k;
+    for (; k < quads; k++) {
+      const c = a32[k]!;
+      const w0 = w[2 * k]!;
+      const w1 = w[2 * k + 1]!;
+      if (((w0 | w1) & 0x00ff00ff) !== 0) break;
+      if ((((w0 >>> 8) & 0xff) | ((w0 >>> 16) & 0xff00) | ((w1 << 8) & 0xff0000) | (w1 & 0xff000000)) !== c) break;
+      if (c !== 0) hk = k;
     }
-    if (hk >= 0) highest = base + 2 * hk + (w[hk]! >>> 16 !== 0 ? 1 : 0);
-    i = 2 * k;
-    if (k < pairs) {
-      cmpOut[0] = i;
-      cmpOut[1] = highest;
-      return cmpOut;
+    if (hk >= 0) {
+      const c = a32[hk]!;
+      highest = base + 4 * hk + (c >>> 24 !== 0 ? 3 : (c & 0xff0000) !== 0 ? 2 : (c & 0xff00) !== 0 ? 1 : 0);
     }
+    i = 4 * k;
   }
+  // The rest (and the quad that differed) one entry at a time, up to the first difference.
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
   for (; i < end; i++) {
     const r1 = dv.getUint16(i * 2);
@@ -147,10 +150,66 @@ function ones16(b: Uint8Array, ones: Uint8Array, base: number, end: number): voi
 }
 
 /**
+ * How many of the n clusters from c have their "stored refcount is 1" bit equal to `want`
+ * (eight at a time where whole bitmap bytes agree).
+ */
+function copiedPrefix(ones: Uint8Array, c: number, n: number, want: number): number {
+  let k = 0;
+  while (k < n && ((c + k) & 7) !== 0) {
+    if (((ones[(c + k) >>> 3]! >>> ((c + k) & 7)) & 1) !== want) return k;
+    k++;
+  }
+  const full = want ? 0xff : 0;
+  while (k + 8 <= n && ones[(c + k) >>> 3] === full) k += 8;
+  while (k < n) {
+    if (((ones[(c + k) >>> 3]! >>> ((c + k) & 7)) & 1) !== want) return k;
+    k++;
+  }
+  return k;
+}
+
+/**
+ * Adds `mult` to the counters of clusters [c, c+n) until one would pass `limit`; returns how many
+ * it added to. With byte counters (`w32` their Int32Array view, else empty) four go per step
+ * while every byte is below 128 (so adding mult < 128 cannot carry into the next one).
+ */
+function bumpRun(arr: ArrayLike<number> & { [i: number]: number }, w32: Int32Array, c: number, n: number, mult: number, limit: number): number {
+  let k = c;
+  const end = c + n;
+  if (w32.length > 0 && mult < 128 && n >= 8) {
+    for (; (k & 3) !== 0; k++) {
+      const v = arr[k]! + mult;
+      if (v > limit) return k - c;
+      arr[k] = v;
+    }
+    const add = mult * 0x01010101;
+    let j = k >>> 2;
+    const jend = end >>> 2;
+    for (; j < jend; j++) {
+      const x = w32[j]!;
+      if ((x & 0x80808080) !== 0) break;
+      w32[j] = x + add;
+    }
+    k = j << 2;
+  }
+  for (; k < end; k++) {
+    const v = arr[k]! + mult;
+    if (v > limit) break;
+    arr[k] = v;
+  }
+  return k - c;
+}
+
+/**
  * The streaming hot loop over standard L2 entries starting at buf[p]: handles the common
  * entries (unallocated, zero, aligned in-file data with no reserved bits and a consistent
  * OFLAG_COPIED) in int32 arithmetic and returns how many it consumed; the caller takes the next
  * entry through the general path. st = [allocated, fragmented, next contiguous offset].
+ *
+ * Data entries come in runs (a table mapping consecutive host clusters, as preallocation and
+ * sequential writes leave them): a run is recognised by comparing raw words, its OFLAG_COPIED
+ * bits are checked against the bitmap a byte at a time, and its counters are bumped in one
+ * tight loop, so the per-entry work is two loads and two compares.
  */
 export function fastRun(
   dv: DataView,
@@ -165,6 +224,7 @@ export function fastRun(
   fileClusters: number,
   ones: Uint8Array,
   st: Float64Array,
+  w32: Int32Array = EMPTY32,
 ): number {
   let alloc = st[0]!;
   let frag = st[1]!;
@@ -176,23 +236,44 @@ export function fastRun(
   const sh = 32 - cb;
   const ohMax = 1 << (cb - 1);
   let i = 0;
-  for (; i < count; i++, p += 8) {
+  while (i < count) {
     const h = dv.getInt32(p);
     const l = dv.getInt32(p + 4);
-    if ((h | l) === 0) continue;
+    if ((h | l) === 0) {
+      i++;
+      p += 8;
+      continue;
+    }
     if (((h & 0x7f000000) | (l & lowMask)) !== 0) break;
     const oh = h & 0xffffff;
     if (oh >= ohMax) break;
     const c = (oh << sh) | (l >>> cb);
-    if (c === 0 && (l & ~0x1ff) === 0) continue; // offset 0 (c is 0 exactly when oh is)
+    if (c === 0 && (l & ~0x1ff) === 0) {
+      // offset 0 (c is 0 exactly when oh is): unallocated or zero
+      i++;
+      p += 8;
+      continue;
+    }
     if (c >= alen) break;
-    const v = arr[c]! + mult;
-    if (v > limit) break;
-    if (checkCopied && ((ones[c >>> 3]! >>> (c & 7)) & 1) !== h >>> 31) break;
-    arr[c] = v;
-    alloc++;
+    // The run: same high word, low word one cluster further each time (a wrap to 0 would be
+    // 4 GiB back, so it ends the run).
+    const max = Math.min(count - i, alen - c);
+    let n = 1;
+    let q = p + 8;
+    let nl = (l + cs) | 0;
+    while (n < max && nl !== 0 && dv.getInt32(q + 4) === nl && dv.getInt32(q) === h) {
+      n++;
+      q += 8;
+      nl = (nl + cs) | 0;
+    }
+    if (checkCopied) n = copiedPrefix(ones, c, n, h >>> 31);
+    const took = bumpRun(arr, w32, c, n, mult, limit);
+    if (took === 0) break;
+    alloc += took;
     if (c !== nextC && nextC !== -1) frag++;
-    nextC = c + 1;
+    nextC = c + took;
+    i += took;
+    p += 8 * took;
   }
   st[0] = alloc;
   st[1] = frag;
@@ -499,6 +580,17 @@ export class CheckPass {
   }
 
   private fastState = new Float64Array(3);
+  private wordsOf: { a: ArrayLike<number> | null; w: Int32Array } = { a: null, w: EMPTY32 };
+
+  /** An Int32Array over byte counters (for bumpRun), empty for wider ones. */
+  private words(a: ArrayLike<number>): Int32Array {
+    const c = this.wordsOf;
+    if (c.a !== a) {
+      c.a = a;
+      c.w = a instanceof Uint8Array && (a.byteOffset & 3) === 0 ? new Int32Array(a.buffer, a.byteOffset, a.length >>> 2) : EMPTY32;
+    }
+    return c.w;
+  }
   private curMsgs: string[] = [];
   private curCorr = 0;
   private curCopied: string[] = [];
@@ -539,7 +631,7 @@ export class CheckPass {
         st[0] = alloc;
         st[1] = frag;
         st[2] = next;
-        const stop = fastRun(dv, p, n - i, arr, mult, limit, lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st);
+        const stop = fastRun(dv, p, n - i, arr, mult, limit, lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st, this.words(arr));
         alloc = st[0]!;
         frag = st[1]!;
         next = st[2]!;
