@@ -14,7 +14,7 @@ import { u32 } from '../format/bytes.js';
 import { getRefcount as getRefcountStrict, maxRefcount, setRefcount } from '../format/refblock.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
-import { CheckAbort, readSnapshotsForCheck, type CheckImage } from './image.js';
+import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
 import { rewriteSnapshotTable } from './snapshot-fix.js';
 
@@ -66,6 +66,8 @@ const MAX_GAP = 256 * 1024;
 const TWO32 = 0x100000000;
 /** Refcount blocks kept by a read-only pass (each one cluster). */
 const READONLY_CACHED_BLOCKS = 16;
+/** Snapshot L1 tables up to this size are read through a shared window. */
+const SMALL_L1_BYTES = 64 * 1024;
 
 const EMPTY = new Uint8Array(0);
 const EMPTY32 = new Int32Array(0);
@@ -225,7 +227,10 @@ export function fastRun(
   ones: Uint8Array,
   st: Float64Array,
   w32: Int32Array = EMPTY32,
+  raw: Int32Array = EMPTY32,
 ): number {
+  // One cluster more on a low word read in little-endian order (see the run below).
+  const d = 1 << (8 * (3 - (cb >> 3)) + (cb & 7));
   let alloc = st[0]!;
   let frag = st[1]!;
   const next = st[2]!;
@@ -242,6 +247,15 @@ export function fastRun(
     if ((h | l) === 0) {
       i++;
       p += 8;
+      // Unallocated stretches (most of a sparse table) four entries per step.
+      if (raw.length > 0) {
+        let k = p >> 2;
+        while (i + 4 <= count && (raw[k]! | raw[k + 1]! | raw[k + 2]! | raw[k + 3]! | raw[k + 4]! | raw[k + 5]! | raw[k + 6]! | raw[k + 7]!) === 0) {
+          i += 4;
+          k += 8;
+        }
+        p = k << 2;
+      }
       continue;
     }
     if (((h & 0x7f000000) | (l & lowMask)) !== 0) break;
@@ -259,12 +273,28 @@ export function fastRun(
     // 4 GiB back, so it ends the run).
     const max = Math.min(count - i, alen - c);
     let n = 1;
-    let q = p + 8;
-    let nl = (l + cs) | 0;
-    while (n < max && nl !== 0 && dv.getInt32(q + 4) === nl && dv.getInt32(q) === h) {
-      n++;
-      q += 8;
-      nl = (nl + cs) | 0;
+    if (raw.length > 0) {
+      // The same on the host-order words: the high word is compared as is, and one cluster more
+      // is `d` on the byte-swapped low word as long as that byte does not carry (a carry goes the
+      // wrong way, so it can only end a run early, never match a wrong entry).
+      const k = p >> 2;
+      const hr = raw[k]!;
+      let lr = raw[k + 1]!;
+      let q = k + 2;
+      while (n < max) {
+        lr = (lr + d) | 0;
+        if (raw[q + 1] !== lr || raw[q] !== hr) break;
+        n++;
+        q += 2;
+      }
+    } else {
+      let q = p + 8;
+      let nl = (l + cs) | 0;
+      while (n < max && nl !== 0 && dv.getInt32(q + 4) === nl && dv.getInt32(q) === h) {
+        n++;
+        q += 8;
+        nl = (nl + cs) | 0;
+      }
     }
     if (checkCopied) n = copiedPrefix(ones, c, n, h >>> 31);
     const took = bumpRun(arr, w32, c, n, mult, limit);
@@ -279,6 +309,27 @@ export function fastRun(
   st[1] = frag;
   st[2] = nextC === -1 ? 0 : nextC === -2 ? next : nextC * cs;
   return i;
+}
+
+/**
+ * Indices of the entries of an L2 table that are not all zero, when they are few (at most one
+ * in eight); else null. Lets a table that many snapshots share be rescanned cheaply.
+ */
+function sparseEntries(t: Uint8Array, ew: number): Int32Array | null {
+  const words = ew >> 2;
+  const n = t.length / ew;
+  const w = new Int32Array(t.buffer, t.byteOffset, t.length >> 2);
+  const out = new Int32Array(n >> 3);
+  let k = 0;
+  for (let i = 0; i < n; i++) {
+    let or = 0;
+    for (let x = i * words, e = x + words; x < e; x++) or |= w[x]!;
+    if (or !== 0) {
+      if (k === out.length) return null;
+      out[k++] = i;
+    }
+  }
+  return out.subarray(0, k);
 }
 
 /** A stored refcount; 64-bit ones past 2^53 come back approximate (see rcText for printing). */
@@ -489,6 +540,7 @@ export class CheckPass {
     if (img.hasDataFile && img.snapshots.length) {
       steps.push({ kind: 'msg', msg: `ERROR ${img.snapshots.length} snapshots in image with data file` });
     }
+    let win: Window | null = null;
     for (const sn of img.snapshots) {
       if (sn.l1Lo % this.cs !== 0) {
         steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${hxAlt(sn.l1Hi, sn.l1Lo)}: L1 table is not cluster aligned; snapshot table entry corrupted` });
@@ -498,9 +550,15 @@ export class CheckPass {
         steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_size=${hxAlt(0, sn.l1Size)}: L1 table is too large; snapshot table entry corrupted` });
         continue;
       }
-      const l1 = new Uint8Array(sn.l1Size * 8);
       const off = sn.l1Hi * TWO32 + sn.l1Lo;
-      if (sn.l1Size && off < this.fileLen) readAt(img.file, l1, off);
+      let l1: Uint8Array;
+      if (sn.l1Size * 8 <= SMALL_L1_BYTES && off < this.fileLen) {
+        // Small tables (typically one after another at the end of the file) through a window.
+        l1 = (win ??= new Window(img.file)).at(off, sn.l1Size * 8).slice();
+      } else {
+        l1 = new Uint8Array(sn.l1Size * 8);
+        if (sn.l1Size && off < this.fileLen) readAt(img.file, l1, off);
+      }
       steps.push({ kind: 'l1', l1, hi: sn.l1Hi, lo: sn.l1Lo, size: sn.l1Size, active: false });
     }
     this.steps = steps;
@@ -599,7 +657,7 @@ export class CheckPass {
    * check_refcounts_l2 over one table image at buf[base..]: adds `mult` references per data
    * cluster (exact mode: 1, saturating), statistics times `activeMult`, findings to curMsgs.
    */
-  private scanL2(buf: Uint8Array, base: number, l2Offset: number, mult: number, activeMult: number, exact: boolean, copied: boolean): void {
+  private scanL2(buf: Uint8Array, base: number, l2Offset: number, mult: number, activeMult: number, exact: boolean, copied: boolean, only: Int32Array | null = null): void {
     const img = this.img;
     const ew = img.l2EntryBytes;
     const n = img.l2Entries;
@@ -619,25 +677,37 @@ export class CheckPass {
     const ones = this.storedOne;
     // Fast path (standard L2, streaming): an aligned, in-file data cluster with no reserved bits,
     // all in int32 arithmetic (bit 31 set makes `>>> 0` values leave V8's small-integer range).
-    const fast = !ext && !exact && !dataFile;
+    // In exact (traversal-order) mode a counter must stop at the image's refcount width, where
+    // the general path reports the overflow: the fast path's limit is that width too.
+    const fast = !ext && !dataFile && (!exact || mult === 1);
+    const refMax = exact ? this.refMax : Infinity;
     const lowMask = 0x1fe | ((cs - 1) & ~0x1ff);
     const fileClusters = this.fileClusters;
     const dv = fast ? new DataView(buf.buffer, buf.byteOffset, buf.byteLength) : null!;
+    const raw = fast && LE && (buf.byteOffset & 3) === 0 ? new Int32Array(buf.buffer, buf.byteOffset, buf.byteLength >> 2) : EMPTY32;
     const checkCopied = copied && ones !== null;
     const st = this.fastState;
-    for (let i = 0; i < n; i++) {
+    // `only`: the entries that are not all zero (the rest change nothing), when known.
+    const m = only ? only.length : n;
+    for (let j = 0; j < m; j++) {
+      let i = only ? only[j]! : j;
       let p = base + i * ew;
       if (fast) {
         st[0] = alloc;
         st[1] = frag;
         st[2] = next;
-        const stop = fastRun(dv, p, n - i, arr, mult, limit, lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st, this.words(arr));
+        const stop = fastRun(dv, p, only ? 1 : n - i, arr, mult, Math.min(limit, refMax), lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st, this.words(arr), raw);
         alloc = st[0]!;
         frag = st[1]!;
         next = st[2]!;
-        i += stop;
-        if (i >= n) break;
-        p = base + i * ew;
+        if (only) {
+          if (stop > 0) continue;
+        } else {
+          i += stop;
+          j = i;
+          if (i >= n) break;
+          p = base + i * ew;
+        }
       }
       const hi = ((buf[p]! << 24) | (buf[p + 1]! << 16) | (buf[p + 2]! << 8) | buf[p + 3]!) >>> 0;
       const lo = ((buf[p + 4]! << 24) | (buf[p + 5]! << 16) | (buf[p + 6]! << 8) | buf[p + 7]!) >>> 0;
@@ -805,6 +875,8 @@ export class CheckPass {
     const cs = this.cs;
     this.inc(0, cs, exact);
     const scratch = exact ? new Uint8Array(cs) : null;
+    let lastL2 = -1;
+    let nonZero: Int32Array | null = null;
     for (const s of this.steps) {
       if (s.kind === 'msg') {
         this.msgs.push(s.msg);
@@ -831,11 +903,17 @@ export class CheckPass {
           this.res.corruptions++;
         }
         if (exact) {
-          if (l2 < this.fileLen) readAt(img.file, scratch!, l2);
-          else scratch!.fill(0);
+          // The same table as the last reference (snapshots sharing it): the scratch copy is
+          // current, in-place repairs included.
+          if (l2 !== lastL2) {
+            if (l2 < this.fileLen) readAt(img.file, scratch!, l2);
+            else scratch!.fill(0);
+            lastL2 = l2;
+            nonZero = sparseEntries(scratch!, img.l2EntryBytes);
+          }
           this.curMsgs = this.msgs;
           this.curCorr = 0;
-          this.scanL2(scratch!, 0, l2, 1, s.active ? 1 : 0, true, false);
+          this.scanL2(scratch!, 0, l2, 1, s.active ? 1 : 0, true, false, nonZero);
           this.res.corruptions += this.curCorr;
           this.curMsgs = [];
           this.curCorr = 0;

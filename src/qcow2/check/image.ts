@@ -120,7 +120,7 @@ export interface SnapshotReadResult {
 }
 
 /** Reads file bytes through a window, so a table of many small entries costs few reads. */
-class Window {
+export class Window {
   private buf = new Uint8Array(0);
   private start = 0;
   constructor(private readonly file: BlockFile) {}
