@@ -1,4 +1,4 @@
-// qimg check vs qemu-img check on a 1 TiB image (bench notes; README.md belongs to others).
+// qimg check vs qemu-img check on a 1 TiB image (results also in README.md, "check").
 //
 //   node dist/bench/check-1t.js [--runs N] [--dir DIR] [--keep]
 //
@@ -25,7 +25,10 @@
 // refcount == 1" bitmap eight entries at a time (ones16 0.16 s -> 0.02 s); a read-only pass
 // keeps 16 refcount blocks and reuses their buffers (it allocated ~512 x 64 KiB, never
 // collected: the RSS drop); the counter array is allocated once, not twice.
-// Profile after, 0 snapshots (CPU 0.56 s): L2 hot loop fastRun 0.32 s, compare 0.055 s, reads
+// Later (branch perf-check, load 5-8): run-at-a-time L2 loop, four-at-a-time refcount compare:
+//                 0 snapshots ratio 0.19 paired / 0.226 by medians (user CPU 0.36-0.42 s vs
+//                 qemu-img 2.1-2.8 s), 16 snapshots 0.086-0.11; see README.md "check".
+// Profile before that, 0 snapshots (CPU 0.56 s): L2 hot loop fastRun 0.32 s, compare 0.055 s, reads
 // 0.045 s, bitmap 0.02 s, start-up ~0.07 s. fastRun stays on DataView.getInt32: a Uint32Array
 // view with a manual byte swap measured 2x SLOWER than DataView here (the 2x win was against
 // the byte-at-a-time u32() helper). Each L2 table is read once however many snapshots share

@@ -14,8 +14,9 @@ import { u32 } from '../format/bytes.js';
 import { getRefcount as getRefcountStrict, maxRefcount, setRefcount } from '../format/refblock.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
-import { CheckAbort, readSnapshotsForCheck, type CheckImage } from './image.js';
+import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
+import { rewriteSnapshotTable } from './snapshot-fix.js';
 
 export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
@@ -65,8 +66,11 @@ const MAX_GAP = 256 * 1024;
 const TWO32 = 0x100000000;
 /** Refcount blocks kept by a read-only pass (each one cluster). */
 const READONLY_CACHED_BLOCKS = 16;
+/** Snapshot L1 tables up to this size are read through a shared window. */
+const SMALL_L1_BYTES = 64 * 1024;
 
 const EMPTY = new Uint8Array(0);
+const EMPTY32 = new Int32Array(0);
 const cmpOut: [number, number] = [0, -1];
 
 /** Whether typed-array views read memory little-endian (the word-at-a-time loops below assume it). */
@@ -76,28 +80,30 @@ const LE = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 function cmp16(b: Uint8Array, a: ArrayLike<number>, base: number, end: number): [number, number] {
   let highest = -1;
   let i = 0;
-  if (LE && a instanceof Uint8Array && (b.byteOffset & 3) === 0 && ((a.byteOffset + base) & 1) === 0) {
-    // Two entries per step: big-endian pairs (0, c0), (0, c1) read as one little-endian word are
-    // c0 << 8 | c1 << 24, and byte counters c0, c1 read as one little-endian u16 are c0 | c1 << 8.
-    const pairs = end >>> 1;
-    const w = new Int32Array(b.buffer, b.byteOffset, pairs);
-    const a16 = new Uint16Array(a.buffer, a.byteOffset + base, pairs);
+  if (LE && a instanceof Uint8Array && (b.byteOffset & 3) === 0 && ((a.byteOffset + base) & 3) === 0) {
+    // Four entries per step: big-endian pairs (0, c0) .. (0, c3) read as two little-endian words
+    // have zero high bytes (mask 0x00ff00ff) and carry c0..c3 in bytes 1 and 3 of each, which
+    // must equal four byte counters read as one little-endian word.
+    const quads = end >>> 2;
+    const w = new Int32Array(b.buffer, b.byteOffset, quads * 2);
+    const a32 = new Int32Array(a.buffer, a.byteOffset + base, quads);
     let k = 0;
     let hk = -1;
-    for (; k < pairs; k++) {
-      const x = a16[k]!;
-      const s = w[k]!;
-      if (s !== (((x & 0xff) << 8) | ((x & 0xff00) << 16))) break;
-      if (s !== 0) hk = k;
+    for (; k < quads; k++) {
+      const c = a32[k]!;
+      const w0 = w[2 * k]!;
+      const w1 = w[2 * k + 1]!;
+      if (((w0 | w1) & 0x00ff00ff) !== 0) break;
+      if ((((w0 >>> 8) & 0xff) | ((w0 >>> 16) & 0xff00) | ((w1 << 8) & 0xff0000) | (w1 & 0xff000000)) !== c) break;
+      if (c !== 0) hk = k;
     }
-    if (hk >= 0) highest = base + 2 * hk + (w[hk]! >>> 16 !== 0 ? 1 : 0);
-    i = 2 * k;
-    if (k < pairs) {
-      cmpOut[0] = i;
-      cmpOut[1] = highest;
-      return cmpOut;
+    if (hk >= 0) {
+      const c = a32[hk]!;
+      highest = base + 4 * hk + (c >>> 24 !== 0 ? 3 : (c & 0xff0000) !== 0 ? 2 : (c & 0xff00) !== 0 ? 1 : 0);
     }
+    i = 4 * k;
   }
+  // The rest (and the quad that differed) one entry at a time, up to the first difference.
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
   for (; i < end; i++) {
     const r1 = dv.getUint16(i * 2);
@@ -146,10 +152,66 @@ function ones16(b: Uint8Array, ones: Uint8Array, base: number, end: number): voi
 }
 
 /**
+ * How many of the n clusters from c have their "stored refcount is 1" bit equal to `want`
+ * (eight at a time where whole bitmap bytes agree).
+ */
+function copiedPrefix(ones: Uint8Array, c: number, n: number, want: number): number {
+  let k = 0;
+  while (k < n && ((c + k) & 7) !== 0) {
+    if (((ones[(c + k) >>> 3]! >>> ((c + k) & 7)) & 1) !== want) return k;
+    k++;
+  }
+  const full = want ? 0xff : 0;
+  while (k + 8 <= n && ones[(c + k) >>> 3] === full) k += 8;
+  while (k < n) {
+    if (((ones[(c + k) >>> 3]! >>> ((c + k) & 7)) & 1) !== want) return k;
+    k++;
+  }
+  return k;
+}
+
+/**
+ * Adds `mult` to the counters of clusters [c, c+n) until one would pass `limit`; returns how many
+ * it added to. With byte counters (`w32` their Int32Array view, else empty) four go per step
+ * while every byte is below 128 (so adding mult < 128 cannot carry into the next one).
+ */
+function bumpRun(arr: ArrayLike<number> & { [i: number]: number }, w32: Int32Array, c: number, n: number, mult: number, limit: number): number {
+  let k = c;
+  const end = c + n;
+  if (w32.length > 0 && mult < 128 && n >= 8) {
+    for (; (k & 3) !== 0; k++) {
+      const v = arr[k]! + mult;
+      if (v > limit) return k - c;
+      arr[k] = v;
+    }
+    const add = mult * 0x01010101;
+    let j = k >>> 2;
+    const jend = end >>> 2;
+    for (; j < jend; j++) {
+      const x = w32[j]!;
+      if ((x & 0x80808080) !== 0) break;
+      w32[j] = x + add;
+    }
+    k = j << 2;
+  }
+  for (; k < end; k++) {
+    const v = arr[k]! + mult;
+    if (v > limit) break;
+    arr[k] = v;
+  }
+  return k - c;
+}
+
+/**
  * The streaming hot loop over standard L2 entries starting at buf[p]: handles the common
  * entries (unallocated, zero, aligned in-file data with no reserved bits and a consistent
  * OFLAG_COPIED) in int32 arithmetic and returns how many it consumed; the caller takes the next
  * entry through the general path. st = [allocated, fragmented, next contiguous offset].
+ *
+ * Data entries come in runs (a table mapping consecutive host clusters, as preallocation and
+ * sequential writes leave them): a run is recognised by comparing raw words, its OFLAG_COPIED
+ * bits are checked against the bitmap a byte at a time, and its counters are bumped in one
+ * tight loop, so the per-entry work is two loads and two compares.
  */
 export function fastRun(
   dv: DataView,
@@ -164,7 +226,11 @@ export function fastRun(
   fileClusters: number,
   ones: Uint8Array,
   st: Float64Array,
+  w32: Int32Array = EMPTY32,
+  raw: Int32Array = EMPTY32,
 ): number {
+  // One cluster more on a low word read in little-endian order (see the run below).
+  const d = 1 << (8 * (3 - (cb >> 3)) + (cb & 7));
   let alloc = st[0]!;
   let frag = st[1]!;
   const next = st[2]!;
@@ -175,28 +241,95 @@ export function fastRun(
   const sh = 32 - cb;
   const ohMax = 1 << (cb - 1);
   let i = 0;
-  for (; i < count; i++, p += 8) {
+  while (i < count) {
     const h = dv.getInt32(p);
     const l = dv.getInt32(p + 4);
-    if ((h | l) === 0) continue;
+    if ((h | l) === 0) {
+      i++;
+      p += 8;
+      // Unallocated stretches (most of a sparse table) four entries per step.
+      if (raw.length > 0) {
+        let k = p >> 2;
+        while (i + 4 <= count && (raw[k]! | raw[k + 1]! | raw[k + 2]! | raw[k + 3]! | raw[k + 4]! | raw[k + 5]! | raw[k + 6]! | raw[k + 7]!) === 0) {
+          i += 4;
+          k += 8;
+        }
+        p = k << 2;
+      }
+      continue;
+    }
     if (((h & 0x7f000000) | (l & lowMask)) !== 0) break;
     const oh = h & 0xffffff;
     if (oh >= ohMax) break;
     const c = (oh << sh) | (l >>> cb);
-    if (c === 0 && (l & ~0x1ff) === 0) continue; // offset 0 (c is 0 exactly when oh is)
+    if (c === 0 && (l & ~0x1ff) === 0) {
+      // offset 0 (c is 0 exactly when oh is): unallocated or zero
+      i++;
+      p += 8;
+      continue;
+    }
     if (c >= alen) break;
-    const v = arr[c]! + mult;
-    if (v > limit) break;
-    if (checkCopied && ((ones[c >>> 3]! >>> (c & 7)) & 1) !== h >>> 31) break;
-    arr[c] = v;
-    alloc++;
+    // The run: same high word, low word one cluster further each time (a wrap to 0 would be
+    // 4 GiB back, so it ends the run).
+    const max = Math.min(count - i, alen - c);
+    let n = 1;
+    if (raw.length > 0) {
+      // The same on the host-order words: the high word is compared as is, and one cluster more
+      // is `d` on the byte-swapped low word as long as that byte does not carry (a carry goes the
+      // wrong way, so it can only end a run early, never match a wrong entry).
+      const k = p >> 2;
+      const hr = raw[k]!;
+      let lr = raw[k + 1]!;
+      let q = k + 2;
+      while (n < max) {
+        lr = (lr + d) | 0;
+        if (raw[q + 1] !== lr || raw[q] !== hr) break;
+        n++;
+        q += 2;
+      }
+    } else {
+      let q = p + 8;
+      let nl = (l + cs) | 0;
+      while (n < max && nl !== 0 && dv.getInt32(q + 4) === nl && dv.getInt32(q) === h) {
+        n++;
+        q += 8;
+        nl = (nl + cs) | 0;
+      }
+    }
+    if (checkCopied) n = copiedPrefix(ones, c, n, h >>> 31);
+    const took = bumpRun(arr, w32, c, n, mult, limit);
+    if (took === 0) break;
+    alloc += took;
     if (c !== nextC && nextC !== -1) frag++;
-    nextC = c + 1;
+    nextC = c + took;
+    i += took;
+    p += 8 * took;
   }
   st[0] = alloc;
   st[1] = frag;
   st[2] = nextC === -1 ? 0 : nextC === -2 ? next : nextC * cs;
   return i;
+}
+
+/**
+ * Indices of the entries of an L2 table that are not all zero, when they are few (at most one
+ * in eight); else null. Lets a table that many snapshots share be rescanned cheaply.
+ */
+function sparseEntries(t: Uint8Array, ew: number): Int32Array | null {
+  const words = ew >> 2;
+  const n = t.length / ew;
+  const w = new Int32Array(t.buffer, t.byteOffset, t.length >> 2);
+  const out = new Int32Array(n >> 3);
+  let k = 0;
+  for (let i = 0; i < n; i++) {
+    let or = 0;
+    for (let x = i * words, e = x + words; x < e; x++) or |= w[x]!;
+    if (or !== 0) {
+      if (k === out.length) return null;
+      out[k++] = i;
+    }
+  }
+  return out.subarray(0, k);
 }
 
 /** A stored refcount; 64-bit ones past 2^53 come back approximate (see rcText for printing). */
@@ -283,13 +416,25 @@ export class CheckPass {
 
   /** qcow2_co_check_locked: snapshot table, refcounts, then marking the image clean. */
   run(): CheckCounts {
+    let snap;
     try {
-      readSnapshotsForCheck(this.img, this.msgs, this.prog);
+      snap = readSnapshotsForCheck(this.img, this.msgs, this.prog, (this.fix & FIX_ERRORS) !== 0);
     } catch (err) {
       if (err instanceof CheckAbort) this.res.checkErrors++;
       throw err;
     }
     this.checkRefcounts();
+    // qcow2_check_fix_snapshot_table: entries read leniently are written back once the refcounts
+    // are sound (the new table needs clusters allocated).
+    if (snap.corruptions && this.fix & FIX_ERRORS) {
+      const freed = rewriteSnapshotTable(this.img);
+      this.fileLen = this.img.file.size();
+      if (freed.length) this.discardClusters(freed);
+      snap.corruptionsFixed += snap.corruptions;
+      snap.corruptions = 0;
+    }
+    this.res.corruptions += snap.corruptions;
+    this.res.corruptionsFixed += snap.corruptionsFixed;
     if (this.fix && this.res.checkErrors === 0 && this.res.corruptions === 0) this.markCleanAndConsistent();
     return this.res;
   }
@@ -395,6 +540,7 @@ export class CheckPass {
     if (img.hasDataFile && img.snapshots.length) {
       steps.push({ kind: 'msg', msg: `ERROR ${img.snapshots.length} snapshots in image with data file` });
     }
+    let win: Window | null = null;
     for (const sn of img.snapshots) {
       if (sn.l1Lo % this.cs !== 0) {
         steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${hxAlt(sn.l1Hi, sn.l1Lo)}: L1 table is not cluster aligned; snapshot table entry corrupted` });
@@ -404,9 +550,15 @@ export class CheckPass {
         steps.push({ kind: 'msg', msg: `ERROR snapshot ${sn.id} (${sn.name}) l1_size=${hxAlt(0, sn.l1Size)}: L1 table is too large; snapshot table entry corrupted` });
         continue;
       }
-      const l1 = new Uint8Array(sn.l1Size * 8);
       const off = sn.l1Hi * TWO32 + sn.l1Lo;
-      if (sn.l1Size && off < this.fileLen) readAt(img.file, l1, off);
+      let l1: Uint8Array;
+      if (sn.l1Size * 8 <= SMALL_L1_BYTES && off < this.fileLen) {
+        // Small tables (typically one after another at the end of the file) through a window.
+        l1 = (win ??= new Window(img.file)).at(off, sn.l1Size * 8).slice();
+      } else {
+        l1 = new Uint8Array(sn.l1Size * 8);
+        if (sn.l1Size && off < this.fileLen) readAt(img.file, l1, off);
+      }
       steps.push({ kind: 'l1', l1, hi: sn.l1Hi, lo: sn.l1Lo, size: sn.l1Size, active: false });
     }
     this.steps = steps;
@@ -486,6 +638,17 @@ export class CheckPass {
   }
 
   private fastState = new Float64Array(3);
+  private wordsOf: { a: ArrayLike<number> | null; w: Int32Array } = { a: null, w: EMPTY32 };
+
+  /** An Int32Array over byte counters (for bumpRun), empty for wider ones. */
+  private words(a: ArrayLike<number>): Int32Array {
+    const c = this.wordsOf;
+    if (c.a !== a) {
+      c.a = a;
+      c.w = a instanceof Uint8Array && (a.byteOffset & 3) === 0 ? new Int32Array(a.buffer, a.byteOffset, a.length >>> 2) : EMPTY32;
+    }
+    return c.w;
+  }
   private curMsgs: string[] = [];
   private curCorr = 0;
   private curCopied: string[] = [];
@@ -494,7 +657,7 @@ export class CheckPass {
    * check_refcounts_l2 over one table image at buf[base..]: adds `mult` references per data
    * cluster (exact mode: 1, saturating), statistics times `activeMult`, findings to curMsgs.
    */
-  private scanL2(buf: Uint8Array, base: number, l2Offset: number, mult: number, activeMult: number, exact: boolean, copied: boolean): void {
+  private scanL2(buf: Uint8Array, base: number, l2Offset: number, mult: number, activeMult: number, exact: boolean, copied: boolean, only: Int32Array | null = null): void {
     const img = this.img;
     const ew = img.l2EntryBytes;
     const n = img.l2Entries;
@@ -514,25 +677,37 @@ export class CheckPass {
     const ones = this.storedOne;
     // Fast path (standard L2, streaming): an aligned, in-file data cluster with no reserved bits,
     // all in int32 arithmetic (bit 31 set makes `>>> 0` values leave V8's small-integer range).
-    const fast = !ext && !exact && !dataFile;
+    // In exact (traversal-order) mode a counter must stop at the image's refcount width, where
+    // the general path reports the overflow: the fast path's limit is that width too.
+    const fast = !ext && !dataFile && (!exact || mult === 1);
+    const refMax = exact ? this.refMax : Infinity;
     const lowMask = 0x1fe | ((cs - 1) & ~0x1ff);
     const fileClusters = this.fileClusters;
     const dv = fast ? new DataView(buf.buffer, buf.byteOffset, buf.byteLength) : null!;
+    const raw = fast && LE && (buf.byteOffset & 3) === 0 ? new Int32Array(buf.buffer, buf.byteOffset, buf.byteLength >> 2) : EMPTY32;
     const checkCopied = copied && ones !== null;
     const st = this.fastState;
-    for (let i = 0; i < n; i++) {
+    // `only`: the entries that are not all zero (the rest change nothing), when known.
+    const m = only ? only.length : n;
+    for (let j = 0; j < m; j++) {
+      let i = only ? only[j]! : j;
       let p = base + i * ew;
       if (fast) {
         st[0] = alloc;
         st[1] = frag;
         st[2] = next;
-        const stop = fastRun(dv, p, n - i, arr, mult, limit, lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st);
+        const stop = fastRun(dv, p, only ? 1 : n - i, arr, mult, Math.min(limit, refMax), lowMask, cb, cs, fileClusters, checkCopied ? ones! : EMPTY, st, this.words(arr), raw);
         alloc = st[0]!;
         frag = st[1]!;
         next = st[2]!;
-        i += stop;
-        if (i >= n) break;
-        p = base + i * ew;
+        if (only) {
+          if (stop > 0) continue;
+        } else {
+          i += stop;
+          j = i;
+          if (i >= n) break;
+          p = base + i * ew;
+        }
       }
       const hi = ((buf[p]! << 24) | (buf[p + 1]! << 16) | (buf[p + 2]! << 8) | buf[p + 3]!) >>> 0;
       const lo = ((buf[p + 4]! << 24) | (buf[p + 5]! << 16) | (buf[p + 6]! << 8) | buf[p + 7]!) >>> 0;
@@ -700,6 +875,8 @@ export class CheckPass {
     const cs = this.cs;
     this.inc(0, cs, exact);
     const scratch = exact ? new Uint8Array(cs) : null;
+    let lastL2 = -1;
+    let nonZero: Int32Array | null = null;
     for (const s of this.steps) {
       if (s.kind === 'msg') {
         this.msgs.push(s.msg);
@@ -726,11 +903,17 @@ export class CheckPass {
           this.res.corruptions++;
         }
         if (exact) {
-          if (l2 < this.fileLen) readAt(img.file, scratch!, l2);
-          else scratch!.fill(0);
+          // The same table as the last reference (snapshots sharing it): the scratch copy is
+          // current, in-place repairs included.
+          if (l2 !== lastL2) {
+            if (l2 < this.fileLen) readAt(img.file, scratch!, l2);
+            else scratch!.fill(0);
+            lastL2 = l2;
+            nonZero = sparseEntries(scratch!, img.l2EntryBytes);
+          }
           this.curMsgs = this.msgs;
           this.curCorr = 0;
-          this.scanL2(scratch!, 0, l2, 1, s.active ? 1 : 0, true, false);
+          this.scanL2(scratch!, 0, l2, 1, s.active ? 1 : 0, true, false, nonZero);
           this.res.corruptions += this.curCorr;
           this.curMsgs = [];
           this.curCorr = 0;

@@ -18,6 +18,10 @@ export interface CheckSnapshot {
   l1Hi: number;
   l1Lo: number;
   l1Size: number;
+  /** extra_data_size as read (cut to the limit by a repair). */
+  extraSize: number;
+  /** The stored entry, kept when a repair may rewrite the table. */
+  raw?: SnapshotRaw;
 }
 
 /** Thrown by the checker for qemu-img's `Check failed: REASON` (after any messages). */
@@ -94,16 +98,69 @@ export class CheckImage {
 
 /** Bytes of a snapshot table entry's fixed part (QCowSnapshotHeader). */
 const SN_FIXED = L.SN_HEADER_BYTES;
+/** QEMU keeps snapshot table offsets in a C int while reading. */
+const INT_MAX = 0x7fffffff;
+/** Snapshot table bytes read at once. */
+const SN_WINDOW = 1 << 20;
+
+/** What a repair needs to write an entry back (kept only when the table may be rewritten). */
+export interface SnapshotRaw {
+  /** The 40-byte fixed part as stored. */
+  fixed: Uint8Array;
+  /** Extra data as read: at most the first MAX_SNAPSHOT_EXTRA_DATA bytes. */
+  extra: Uint8Array;
+  /** id and name as C strings: the stored bytes up to the first NUL. */
+  id: Uint8Array;
+  name: Uint8Array;
+}
+
+export interface SnapshotReadResult {
+  corruptions: number;
+  corruptionsFixed: number;
+}
+
+/** Reads file bytes through a window, so a table of many small entries costs few reads. */
+export class Window {
+  private buf = new Uint8Array(0);
+  private start = 0;
+  constructor(private readonly file: BlockFile) {}
+  /** `len` bytes at `pos` (a view valid until the next call); past the end of the file: zeros. */
+  at(pos: number, len: number): Uint8Array {
+    if (pos < this.start || pos + len > this.start + this.buf.length) {
+      this.buf = new Uint8Array(Math.max(len, SN_WINDOW));
+      this.start = pos;
+      readAt(this.file, this.buf, pos);
+    }
+    return this.buf.subarray(pos - this.start, pos - this.start + len);
+  }
+}
+
+/** A C string: the bytes up to the first NUL. */
+function cString(b: Uint8Array): Uint8Array {
+  const z = b.indexOf(0);
+  return z < 0 ? b : b.subarray(0, z);
+}
 
 /**
  * Reads the snapshot table as `qemu-img check` does: limits become messages and a failed check
- * rather than an open error. Appends messages to `msgs`; throws CheckAbort on failure.
+ * rather than an open error. Under -r all (`repair`) an overlong table or too many entries lose
+ * their overhanging entries (nb_snapshots is rewritten at once: that only leaks the rest, which
+ * the refcount pass then frees) and overlong extra data is cut to the limit; the caller rewrites
+ * the table when the returned corruptions say so. Appends messages to `msgs`; throws CheckAbort
+ * on failure.
  */
-export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: string): void {
-  const nb = img.header.nbSnapshots;
+export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: string, repair = false): SnapshotReadResult {
+  let nb = img.header.nbSnapshots;
   const off = img.header.snapshotsOffset;
+  const res: SnapshotReadResult = { corruptions: 0, corruptionsFixed: 0 };
   img.snapshots = [];
   img.snapshotsSize = 0;
+  let overhang = 0;
+  if (nb > L.MAX_SNAPSHOTS && repair) {
+    msgs.push(`Discarding ${nb - L.MAX_SNAPSHOTS} overhanging snapshots`);
+    overhang += nb - L.MAX_SNAPSHOTS;
+    nb = L.MAX_SNAPSHOTS;
+  }
   if (nb > L.MAX_SNAPSHOTS) {
     msgs.push(`${prog}: ERROR snapshot table too large`);
     msgs.push(`You can force-remove all ${nb - L.MAX_SNAPSHOTS} overhanging snapshots with ${prog} check -r all`);
@@ -113,33 +170,80 @@ export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: str
     msgs.push(`${prog}: ERROR snapshot table offset invalid`);
     throw new CheckAbort('Invalid argument');
   }
-  const hdr = new Uint8Array(SN_FIXED);
+  const win = new Window(img.file);
+  const dec = new TextDecoder();
+  let dropped = 0;
   let pos = off;
+  let tableLength = 0;
   for (let i = 0; i < nb; i++) {
-    readAt(img.file, hdr, pos);
+    const pre = pos;
+    tableLength = Math.ceil(tableLength / 8) * 8;
+    pos = Math.ceil(pos / 8) * 8;
+    const hdr = win.at(pos, SN_FIXED);
     pos += SN_FIXED;
     const l1Hi = u32(hdr, L.SN_L1_TABLE_OFFSET);
     const l1Lo = u32(hdr, L.SN_L1_TABLE_OFFSET + 4);
     const l1Size = u32(hdr, L.SN_L1_SIZE);
     const idSize = u16(hdr, L.SN_ID_STR_SIZE);
     const nameSize = u16(hdr, L.SN_NAME_SIZE);
-    const extra = u32(hdr, L.SN_EXTRA_DATA_SIZE);
-    if (extra > L.MAX_SNAPSHOT_EXTRA_DATA) {
-      msgs.push(`${prog}: ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry ${i}`);
-      msgs.push(`You can force-remove this extra metadata with ${prog} check -r all`);
-      throw new CheckAbort('File too large');
+    const fixed = repair ? hdr.slice() : null;
+    let extraSize = u32(hdr, L.SN_EXTRA_DATA_SIZE);
+    if (extraSize > L.MAX_SNAPSHOT_EXTRA_DATA) {
+      if (!repair) {
+        msgs.push(`${prog}: ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry ${i}`);
+        msgs.push(`You can force-remove this extra metadata with ${prog} check -r all`);
+        throw new CheckAbort('File too large');
+      }
+      msgs.push(`Discarding too much extra metadata in snapshot table entry ${i} (${extraSize} > ${L.MAX_SNAPSHOT_EXTRA_DATA})`);
+      dropped++;
     }
-    pos += extra;
-    const strs = new Uint8Array(idSize + nameSize);
-    readAt(img.file, strs, pos);
+    // The known fields, then any unknown extra data (cut at the limit); the id follows the
+    // extra data as stored, however much of it was kept.
+    const extraEnd = pos + extraSize;
+    extraSize = Math.min(extraSize, L.MAX_SNAPSHOT_EXTRA_DATA);
+    const extra = repair ? win.at(pos, extraSize).slice() : null;
+    pos = extraEnd;
+    const strs = win.at(pos, idSize + nameSize);
+    const id = cString(strs.subarray(0, idSize));
+    const name = cString(strs.subarray(idSize));
     pos += idSize + nameSize;
-    const dec = new TextDecoder();
-    img.snapshots.push({ id: dec.decode(strs.subarray(0, idSize)), name: dec.decode(strs.subarray(idSize)), l1Hi, l1Lo, l1Size });
-    pos = off + Math.ceil((pos - off) / 8) * 8;
-    if (pos - off > L.MAX_SNAPSHOT_TABLE_BYTES) {
-      msgs.push(`${prog}: ERROR failed to read the snapshot table: Snapshot table exceeds the maximum size`);
-      throw new CheckAbort('File too large');
+    tableLength += SN_FIXED + extraSize + idSize + nameSize;
+    if (tableLength > L.MAX_SNAPSHOT_TABLE_BYTES || pos - off > INT_MAX) {
+      if (!repair) {
+        msgs.push(`${prog}: ERROR failed to read the snapshot table: Snapshot table is too big`);
+        msgs.push(`You can force-remove all ${nb - i} overhanging snapshots with ${prog} check -r all`);
+        throw new CheckAbort('File too large');
+      }
+      msgs.push(`Discarding ${nb - i} overhanging snapshots (snapshot table is too big)`);
+      overhang += nb - i;
+      nb = i;
+      pos = pre;
+      break;
     }
+    const sn: CheckSnapshot = { id: dec.decode(id), name: dec.decode(name), l1Hi, l1Lo, l1Size, extraSize };
+    if (repair) sn.raw = { fixed: fixed!, extra: extra!, id: id.slice(), name: name.slice() };
+    img.snapshots.push(sn);
   }
   img.snapshotsSize = pos - off;
+  res.corruptions += overhang + dropped;
+  if (overhang) {
+    // nb_snapshots first, on its own: the refcount pass counts the table the header describes.
+    const b = new Uint8Array(4);
+    new DataView(b.buffer).setUint32(0, nb);
+    img.file.write(b, L.H_NB_SNAPSHOTS);
+    img.file.flush();
+    img.header.nbSnapshots = nb;
+    res.corruptionsFixed += overhang;
+    res.corruptions -= overhang;
+  }
+  if (img.header.version >= 3) {
+    // v3 entries must carry at least vm_state_size_large and disk_size.
+    for (let i = 0; i < img.snapshots.length; i++) {
+      if (img.snapshots[i]!.extraSize < L.SN_EXTRA_V3_MIN_BYTES) {
+        res.corruptions++;
+        msgs.push(`${repair ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+      }
+    }
+  }
+  return res;
 }
