@@ -15,6 +15,14 @@ export interface BlockFile {
   write(buf: Uint8Array, pos: number): void;
   /** Makes every completed write durable (fsync): an ordering point. */
   flush(): void;
+  /**
+   * Optional: starts making completed writes durable WITHOUT waiting (an fdatasync on Node's
+   * thread pool), so the disk works while the engine computes and the next flush() has less left
+   * to push. Not an ordering point: only flush() is. A failure surfaces at the next flush().
+   */
+  startWriteback?(): void;
+  /** Optional: resolves once no startWriteback() is in flight (the descriptor may then be closed). */
+  settle?(): Promise<void>;
   size(): number;
   truncate(size: number): void;
   /** Bytes the file occupies on the host (allocated blocks). */
@@ -34,6 +42,13 @@ export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
 export class NodeFile implements BlockFile {
   readonly fd: number;
   private closed = false;
+  /** The fdatasync started by startWriteback(), while it runs. */
+  private writeback: Promise<void> | null = null;
+  /**
+   * Its error, kept for the next flush(): Linux reports a writeback error once per open file,
+   * so an error the background fdatasync consumed would otherwise never reach a flush().
+   */
+  private writebackError: unknown = null;
 
   private constructor(
     readonly path: string,
@@ -88,10 +103,26 @@ export class NodeFile implements BlockFile {
   flush(): void {
     if (!this.writable) return;
     try {
+      if (this.writebackError !== null) throw this.writebackError;
       fs.fsyncSync(this.fd);
     } catch (err) {
       throw ioError(err, this.path, 'Could not flush');
     }
+  }
+
+  startWriteback(): void {
+    if (!this.writable || this.closed || this.writeback) return;
+    this.writeback = new Promise((resolve) => {
+      fs.fdatasync(this.fd, (err) => {
+        if (err) this.writebackError ??= err;
+        this.writeback = null;
+        resolve();
+      });
+    });
+  }
+
+  async settle(): Promise<void> {
+    while (this.writeback) await this.writeback;
   }
 
   size(): number {
