@@ -105,7 +105,8 @@ export function copyDifferences(w: ImageWriter, oldTop: Layer | null, newTop: La
         newTop!.read(y, offset);
         differingRuns(y, null, (p, e) => w.write(x.subarray(p, e), offset + p));
       } else {
-        if (ne.kind === 'zero') len = Math.max(Math.min(ne.length, len), 1);
+        // Stop where the old chain's data ends: what follows reads as zeros and is not read.
+        len = Math.max(Math.min(oe.length, ne.kind === 'zero' ? ne.length : len, len), 1);
         const x = a.subarray(0, len);
         oldTop!.read(x, offset);
         let y: Buffer | null = null;

@@ -42,8 +42,8 @@ export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
 export class NodeFile implements BlockFile {
   readonly fd: number;
   private closed = false;
-  /** The fdatasync started by startWriteback(), while it runs. */
-  private writeback: Promise<void> | null = null;
+  /** The fdatasyncs started by startWriteback() that have not called back yet. */
+  private writebacks = new Set<Promise<void>>();
   /**
    * Its error, kept for the next flush(): Linux reports a writeback error once per open file,
    * so an error the background fdatasync consumed would otherwise never reach a flush().
@@ -111,18 +111,23 @@ export class NodeFile implements BlockFile {
   }
 
   startWriteback(): void {
-    if (!this.writable || this.closed || this.writeback) return;
-    this.writeback = new Promise((resolve) => {
+    if (!this.writable || this.closed) return;
+    // Not skipped while an earlier one runs: its callback cannot run before the synchronous
+    // engine returns to the event loop, so "one at a time" would mean "once per operation".
+    // Overlapping fdatasyncs are harmless, and the queue drains itself: one that starts after
+    // the data is on disk finds nothing dirty and returns within a few milliseconds.
+    const p = new Promise<void>((resolve) => {
       fs.fdatasync(this.fd, (err) => {
         if (err) this.writebackError ??= err;
-        this.writeback = null;
+        this.writebacks.delete(p);
         resolve();
       });
     });
+    this.writebacks.add(p);
   }
 
   async settle(): Promise<void> {
-    while (this.writeback) await this.writeback;
+    while (this.writebacks.size) await Promise.all(this.writebacks);
   }
 
   size(): number {
