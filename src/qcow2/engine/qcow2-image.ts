@@ -375,6 +375,7 @@ export class Qcow2Image implements Layer {
 
   async close(): Promise<void> {
     if (this.backing) await this.backing.close();
+    await this.file.settle?.(); // a background writeback must not outlive the descriptor
     if (this.dataFile !== this.file) this.dataFile.close();
     this.file.close();
   }

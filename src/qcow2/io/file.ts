@@ -21,7 +21,10 @@ export interface BlockFile {
    * to push. Not an ordering point: only flush() is. A failure surfaces at the next flush().
    */
   startWriteback?(): void;
-  /** Optional: resolves once no startWriteback() is in flight (the descriptor may then be closed). */
+  /**
+   * Optional: resolves once no startWriteback() is in flight. Whoever closes the file awaits it
+   * first (Qcow2Image, RawImage and ImageWriter do), so no fdatasync outlives the descriptor.
+   */
   settle?(): Promise<void>;
   size(): number;
   truncate(size: number): void;
