@@ -5,9 +5,11 @@
 //   all      both, start-up first (the default)
 //   convert  qimg vs qemu-img convert on a generated 1 GiB image (bench/convert.ts; --runs N, --only, --cpu-prof)
 //   snapshot qimg vs qemu-img snapshot -c/-a/-d on a 1 TiB image (bench/snapshot-1t.ts; --runs N, --only, --cpu-prof)
+//   chains   qimg vs qemu-img commit and rebase on a 1 GiB chain (bench/chains.ts; --runs N, --root, --vs)
 //
-// convert and snapshot take minutes and write GiBs under /tmp, so `all` leaves them out.
+// convert, snapshot and chains take minutes and write GiBs under /tmp, so `all` leaves them out.
 
+import { chainsMain } from './chains.js';
 import { convertMain } from './convert.js';
 import { l2Main } from './l2-scan.js';
 import { snapshotMain } from './snapshot-1t.js';
@@ -15,7 +17,8 @@ import { startupMain } from './startup.js';
 
 const USAGE =
   'usage: node dist/bench/run.js [startup|l2|all] [--runs N] [--warmup N] [--root DIR] [--quick] [--json]\n' +
-  '       node dist/bench/run.js convert|snapshot [--runs N] [--root DIR] [--only KEYS] [--cpu-prof] [--json]\n';
+  '       node dist/bench/run.js convert|snapshot [--runs N] [--root DIR] [--only KEYS] [--cpu-prof] [--json]\n' +
+  '       node dist/bench/run.js chains [--runs N] [--root DIR] [--vs DIR]\n';
 
 function main(argv: string[]): number {
   const first = argv[0];
@@ -40,6 +43,9 @@ function main(argv: string[]): number {
       return 0;
     case 'snapshot':
       snapshotMain(rest);
+      return 0;
+    case 'chains':
+      chainsMain(rest);
       return 0;
     case 'all':
       startupMain(startupOpts);
