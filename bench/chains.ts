@@ -4,16 +4,27 @@
 // and peak RSS from /usr/bin/time -f %M. Every qimg result is checked against qemu-img's with
 // `qemu-img compare` and `qemu-img check`; a mismatch is printed loudly and not timed.
 //
-//   node dist/bench/chains.js [--runs N]
+//   node dist/bench/chains.js [--runs N] [--root DIR] [--vs DIR]
+//
+// --root DIR times another tree's qimg (a private built copy, so rebuilds of dist/ cannot break
+// a run); --vs DIR also times a second tree in the same rounds (e.g. a build of the previous
+// commit) and adds the median per-round ratio qimg / that tree's qimg: a before/after that the
+// machine's load cancels out of, as far as pairing can.
 
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const QIMG = join(ROOT, 'bin', 'qimg.js');
+let argv: string[] = process.argv.slice(2);
+function arg(name: string): string | undefined {
+  const i = argv.indexOf(name);
+  return i >= 0 ? argv[i + 1] : undefined;
+}
+let QIMG = join(ROOT, 'bin', 'qimg.js');
+let VS: string | null = null;
 const DIR = join(tmpdir(), 'qimg-bench-chains');
 const MiB = 1024 * 1024;
 
@@ -64,19 +75,19 @@ function timed(cmd: string, args: string[]): Timed {
   return { wall, rssKiB: Number(lines[lines.length - 1]) };
 }
 
-const CASES: Record<string, { qimg: (d: string) => string[]; qemu: (d: string) => string[]; check: string[] }> = {
+const CASES: Record<string, { qimg: (d: string, bin?: string) => string[]; qemu: (d: string) => string[]; check: string[] }> = {
   'commit top -> mid': {
-    qimg: (d) => [QIMG, 'commit', '-q', join(d, 'top.qcow2')],
+    qimg: (d, bin = QIMG) => [bin, 'commit', '-q', join(d, 'top.qcow2')],
     qemu: (d) => ['commit', '-q', join(d, 'top.qcow2')],
     check: ['top.qcow2', 'mid.qcow2'],
   },
   'rebase top -b base (safe)': {
-    qimg: (d) => [QIMG, 'rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
+    qimg: (d, bin = QIMG) => [bin, 'rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
     qemu: (d) => ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')],
     check: ['top.qcow2'],
   },
   'rebase top -b "" (flatten)': {
-    qimg: (d) => [QIMG, 'rebase', '-b', '', join(d, 'top.qcow2')],
+    qimg: (d, bin = QIMG) => [bin, 'rebase', '-b', '', join(d, 'top.qcow2')],
     qemu: (d) => ['rebase', '-b', '', join(d, 'top.qcow2')],
     check: ['top.qcow2'],
   },
@@ -87,29 +98,35 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 }
 
-function main(): void {
-  const i = process.argv.indexOf('--runs');
-  const runs = i > 0 ? Number(process.argv[i + 1]) : 3;
+/** `node dist/bench/run.js chains [--runs N] [--root DIR] [--vs DIR]`. */
+export function chainsMain(args: string[]): void {
+  argv = args;
+  QIMG = join(arg('--root') ?? ROOT, 'bin', 'qimg.js');
+  VS = arg('--vs') !== undefined ? join(arg('--vs')!, 'bin', 'qimg.js') : null;
+  const runs = Number(arg('--runs') ?? 3);
   generate();
   console.log(`chains bench: 1 GiB chain, ${runs} paired runs per case (load ${(spawnSync('cat', ['/proc/loadavg'], { encoding: 'utf8' }).stdout.split(' ')[0])})`);
-  console.log('| case | qimg s (median) | qemu-img s (median) | ratio (median of pairs) | qimg RSS MiB | qemu-img RSS MiB |');
-  console.log('|---|---|---|---|---|---|');
+  const vsCols = VS ? [' x --vs tree (median of pairs) |', '---|'] : ['', ''];
+  console.log(`| case | qimg s (median) | qemu-img s (median) | ratio (median of pairs) |${vsCols[0]} qimg RSS MiB | qemu-img RSS MiB |`);
+  console.log(`|---|---|---|---|${vsCols[1]}---|---|`);
   for (const [label, c] of Object.entries(CASES)) {
     const mine: Timed[] = [];
     const theirs: Timed[] = [];
     const ratios: number[] = [];
+    const vsRatios: number[] = [];
     for (let r = 0; r < runs; r++) {
       const a = fresh('a');
       const b = fresh('b');
-      let m: Timed;
-      let q: Timed;
-      if (r % 2 === 0) {
-        m = timed(process.execPath, c.qimg(a));
-        q = timed('qemu-img', c.qemu(b));
-      } else {
-        q = timed('qemu-img', c.qemu(b));
-        m = timed(process.execPath, c.qimg(a));
-      }
+      const v = VS ? fresh('v') : null;
+      // Each round runs every command once, in an order rotated by one per round.
+      const jobs: Array<() => void> = [];
+      let m: Timed | null = null;
+      let q: Timed | null = null;
+      let o: Timed | null = null;
+      jobs.push(() => (m = timed(process.execPath, c.qimg(a))));
+      jobs.push(() => (q = timed('qemu-img', c.qemu(b))));
+      if (v) jobs.push(() => (o = timed(process.execPath, c.qimg(v, VS!))));
+      for (let k = 0; k < jobs.length; k++) jobs[(k + r) % jobs.length]!();
       for (const f of c.check) {
         const cmp = spawnSync('qemu-img', ['compare', join(a, f), join(b, f)], { encoding: 'utf8' });
         const chk = spawnSync('qemu-img', ['check', join(a, f)], { encoding: 'utf8' });
@@ -119,18 +136,19 @@ function main(): void {
           return;
         }
       }
-      mine.push(m);
-      theirs.push(q);
-      ratios.push(m.wall / q.wall);
+      mine.push(m!);
+      theirs.push(q!);
+      ratios.push(m!.wall / q!.wall);
+      if (o) vsRatios.push(m!.wall / (o as Timed).wall);
     }
     const mw = median(mine.map((x) => x.wall));
     const qw = median(theirs.map((x) => x.wall));
+    const vsCol = VS ? ` ${median(vsRatios).toFixed(2)} |` : '';
     console.log(
-      `| ${label} | ${mw.toFixed(2)} | ${qw.toFixed(2)} | ${median(ratios).toFixed(2)} | ${(Math.max(...mine.map((x) => x.rssKiB)) / 1024).toFixed(0)} | ${(Math.max(...theirs.map((x) => x.rssKiB)) / 1024).toFixed(0)} |`,
+      `| ${label} | ${mw.toFixed(2)} | ${qw.toFixed(2)} | ${median(ratios).toFixed(2)} |${vsCol} ${(Math.max(...mine.map((x) => x.rssKiB)) / 1024).toFixed(0)} | ${(Math.max(...theirs.map((x) => x.rssKiB)) / 1024).toFixed(0)} |`,
     );
   }
-  rmSync(join(DIR, 'a'), { recursive: true, force: true });
-  rmSync(join(DIR, 'b'), { recursive: true, force: true });
+  for (const d of ['a', 'b', 'v']) rmSync(join(DIR, d), { recursive: true, force: true });
 }
 
-main();
+if (process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) chainsMain(process.argv.slice(2));

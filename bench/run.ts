@@ -7,12 +7,14 @@
 //   snapshot qimg vs qemu-img snapshot -c/-a/-d on a 1 TiB image (bench/snapshot-1t.ts; --runs N, --only, --cpu-prof)
 //   check-1t   qimg vs qemu-img check on a 1 TiB image, 0 and 16 snapshots (bench/check-1t.ts; --runs N, --dir)
 //   check-many qimg vs qemu-img check with 65,536 snapshots (bench/check-many.ts; --runs N, --count N, --dir)
+//   chains   qimg vs qemu-img commit and rebase on a 1 GiB chain (bench/chains.ts; --runs N, --root, --vs)
 //
-// convert and snapshot take minutes and write GiBs under /tmp, so `all` leaves them out.
+// convert, snapshot and chains take minutes and write GiBs under /tmp, so `all` leaves them out.
 
 import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { chainsMain } from './chains.js';
 import { convertMain } from './convert.js';
 import { l2Main } from './l2-scan.js';
 import { snapshotMain } from './snapshot-1t.js';
@@ -21,7 +23,8 @@ import { startupMain } from './startup.js';
 const USAGE =
   'usage: node dist/bench/run.js [startup|l2|all] [--runs N] [--warmup N] [--root DIR] [--quick] [--json]\n' +
   '       node dist/bench/run.js convert|snapshot [--runs N] [--root DIR] [--only KEYS] [--cpu-prof] [--json]\n' +
-  '       node dist/bench/run.js check-1t|check-many [--runs N] [--dir DIR] [--count N]\n';
+  '       node dist/bench/run.js check-1t|check-many [--runs N] [--dir DIR] [--count N]\n' +
+  '       node dist/bench/run.js chains [--runs N] [--root DIR] [--vs DIR]\n';
 
 function main(argv: string[]): number {
   const first = argv[0];
@@ -53,6 +56,9 @@ function main(argv: string[]): number {
       const script = join(dirname(fileURLToPath(import.meta.url)), `${which}.js`);
       return spawnSync(process.execPath, [script, ...rest], { stdio: 'inherit' }).status ?? 1;
     }
+    case 'chains':
+      chainsMain(rest);
+      return 0;
     case 'all':
       startupMain(startupOpts);
       process.stdout.write('\n');

@@ -174,6 +174,36 @@ test('rebase onto a different file (not in the chain) keeps the guest data', () 
   assertSameChains({ ...t, names: [...t.names, 'other.qcow2'] }, 'rebase other');
 });
 
+test('rebase copies exactly the differing sectors: equal data, a byte inside a sector, zeros on either side, v2 and v3', () => {
+  for (const compat of ['0.10', '1.1']) {
+    const t = { mine: join(tmpDir(), 'mine'), theirs: '', names: ['base.qcow2', 'mid.qcow2', 'top.qcow2', 'other.qcow2'] };
+    mkdirSync(t.mine);
+    const o = ['-o', `compat=${compat},cluster_size=4k`];
+    const d = t.mine;
+    mustQemuImg(['create', '-q', '-f', 'qcow2', ...o, join(d, 'base.qcow2'), '1M']);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', ...o, '-b', 'base.qcow2', '-F', 'qcow2', join(d, 'mid.qcow2')]);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', ...o, '-b', 'mid.qcow2', '-F', 'qcow2', join(d, 'top.qcow2')]);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', ...o, join(d, 'other.qcow2'), '1M']);
+    // base and other agree on 0..256k; mid repeats that data (equal, nothing to copy) but for one
+    // byte in the middle of a sector, zeros where other has data, and data where other reads zeros.
+    mustQemuIo(['-c', 'write -P 1 0 256k', '-c', 'write -P 3 512k 64k', join(d, 'base.qcow2')]);
+    mustQemuIo(['-c', 'write -P 1 0 256k', '-c', 'write -P 4 600k 8k', join(d, 'other.qcow2')]);
+    const zero = compat === '1.1' ? 'write -z 600k 4k' : 'write -P 0 600k 4k';
+    mustQemuIo(['-c', 'write -P 1 0 128k', '-c', 'write -P 2 70000 1', '-c', 'write -P 5 300k 3k', '-c', zero, join(d, 'mid.qcow2')]);
+    mustQemuIo(['-c', 'write -P 6 1000k 4k', join(d, 'top.qcow2')]);
+    t.theirs = join(tmpDir(), 'theirs');
+    cpSync(t.mine, t.theirs, { recursive: true });
+    for (const [img, args] of [['top.qcow2', ['-b', 'other.qcow2', '-F', 'qcow2']], ['mid.qcow2', ['-b', '']]] as const) {
+      const before = raw(join(t.mine, img));
+      const m = qimg(['rebase', ...args, join(t.mine, img)]);
+      assert.is(m.status, 0, m.stderr);
+      mustQemuImg(['rebase', ...args, join(t.theirs, img)]);
+      assert.ok(raw(join(t.mine, img)).equals(before), `compat ${compat}: ${img} reads the same after rebase ${args.join(' ')}`);
+      assertSameChains(t, `compat ${compat} rebase ${img} ${args.join(' ')}`);
+    }
+  }
+});
+
 test('rebase errors are worded as qemu-img words them', () => {
   const t = twin(2);
   const top = join(t.mine, 'l1.qcow2');

@@ -22,6 +22,8 @@ import { dirname } from 'node:path';
 
 /** Copy buffer: large enough to stream, small enough to stay out of the way. */
 const COPY_CHUNK = 4 * 1024 * 1024;
+/** Background writeback of a raw target every this many bytes (see StagedFile's WRITEBACK_BYTES). */
+const RAW_WRITEBACK_BYTES = 32 * 1024 * 1024;
 
 /** Where committed data goes: a qcow2 writer, or a raw file written in place. */
 export type CommitTarget = { kind: 'qcow2'; writer: ImageWriter } | { kind: 'raw'; image: RawImage };
@@ -46,6 +48,7 @@ export function copyAboveBase(top: Layer, above: Layer[], target: CommitTarget, 
   const buf = new Uint8Array(COPY_CHUNK);
   let offset = 0;
   let written = 0;
+  let sinceWriteback = 0;
   while (offset < size) {
     let len = Math.min(COPY_CHUNK, size - offset);
     let decided = 0;
@@ -70,6 +73,13 @@ export function copyAboveBase(top: Layer, above: Layer[], target: CommitTarget, 
       top.read(chunk, offset);
       writeData(target, chunk, offset);
       written += len;
+      // A raw target is written directly, so it gets here the writeback hints that a qcow2
+      // writer's StagedFile gives on its own.
+      sinceWriteback += len;
+      if (target.kind === 'raw' && sinceWriteback >= RAW_WRITEBACK_BYTES) {
+        target.image.file.startWriteback?.();
+        sinceWriteback = 0;
+      }
     }
     offset += len;
     progress?.(offset, size);

@@ -209,7 +209,8 @@ export class Qcow2Image implements Layer {
 
   /**
    * Classifies guest bytes [offset, offset+len) within ONE cluster (or subcluster run) and calls
-   * back with the plan; the plan never crosses a cluster boundary.
+   * back with the plan; the plan never crosses a cluster boundary, except that an unallocated run
+   * (no L2 table, or empty standard entries) is one plan up to the end of its L2 table's span.
    */
   private plan(offset: number, maxLen: number): Plan {
     const cs = this.clusterSize;
@@ -217,12 +218,21 @@ export class Qcow2Image implements Layer {
     const inCluster = offset - gc * cs;
     let len = Math.min(maxLen, cs - inCluster);
     const l2Off = this.l2OffsetFor(gc);
-    if (l2Off === 0) return { kind: PlanKind.Unallocated, length: len, host: 0 };
-    const t = this.loadL2(l2Off);
     const idx = gc % this.l2Entries;
+    if (l2Off === 0) {
+      // No L2 table: its whole span reads through, as one plan rather than one per cluster.
+      return { kind: PlanKind.Unallocated, length: Math.min(maxLen, (this.l2Entries - idx) * cs - inCluster), host: 0 };
+    }
+    const t = this.loadL2(l2Off);
     const ew = this.extendedL2 ? 16 : 8;
     const hi = u32(t, idx * ew);
     const lo = u32(t, idx * ew + 4);
+    if (hi === 0 && lo === 0 && !this.extendedL2) {
+      // A run of empty entries is one unallocated plan (chains and maps walk them by the GiB).
+      let e = idx + 1;
+      while (e < this.l2Entries && (e - idx) * cs - inCluster < maxLen && u32(t, e * 8) === 0 && u32(t, e * 8 + 4) === 0) e++;
+      return { kind: PlanKind.Unallocated, length: Math.min(maxLen, (e - idx) * cs - inCluster), host: 0 };
+    }
     const kind = classifyL2(hi, lo, this.zeroFlag);
     switch (kind) {
       case ClusterKind.Compressed:
@@ -365,6 +375,7 @@ export class Qcow2Image implements Layer {
 
   async close(): Promise<void> {
     if (this.backing) await this.backing.close();
+    await this.file.settle?.(); // a background writeback must not outlive the descriptor
     if (this.dataFile !== this.file) this.dataFile.close();
     this.file.close();
   }

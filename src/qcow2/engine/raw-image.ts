@@ -28,6 +28,7 @@ export class RawImage implements Layer {
   }
 
   async close(): Promise<void> {
+    await this.file.settle?.(); // a background writeback must not outlive the descriptor
     this.file.close();
   }
 }

@@ -5,7 +5,7 @@ import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
 import { LITTLE_ENDIAN_HOST, setU32, setU64, u32, words32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
-import { encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
+import { buildExtensions, encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
 import type { BlockFile } from '../io/file.js';
 import { StagedFile } from '../io/staged-file.js';
@@ -599,6 +599,35 @@ export class ImageWriter {
   }
 
   /**
+   * Names a new backing file (null: none) and its format. The header, its extensions and the name
+   * are rewritten at the next commit in ONE write from offset 0, padded with zeros over the old
+   * name's bytes (as QEMU does), after every table of that commit is durable: data copied for the
+   * new backing file is in place before the header names it.
+   */
+  setBacking(name: string | null, format: string | null): void {
+    this.guard();
+    const h = this.header;
+    const oldEnd = Math.max(encodeHeader(h).length, h.backingFile !== null ? h.backingFileOffset + h.backingFileSize : 0);
+    const was = { backingFile: h.backingFile, backingFormat: h.backingFormat, extensions: h.extensions };
+    h.backingFile = name;
+    h.backingFormat = name === null ? null : format;
+    h.extensions = buildExtensions(h);
+    let bytes: Uint8Array;
+    try {
+      bytes = encodeHeader(h);
+    } catch (err) {
+      Object.assign(h, was); // the name does not fit: nothing changes
+      throw err;
+    }
+    const nameBytes = name === null ? 0 : new TextEncoder().encode(name).length;
+    h.backingFileOffset = name === null ? 0 : bytes.length - nameBytes;
+    h.backingFileSize = nameBytes;
+    const sector = 512; // the rewrite covers whole sectors, never past cluster 0
+    const end = Math.min(this.clusterSize, Math.ceil(Math.max(oldEnd, bytes.length) / sector) * sector);
+    this.dirtyHeader.push([0, end]);
+  }
+
+  /**
    * Writes a new snapshot table into fresh clusters and makes the header name it at commit;
    * the old table's clusters are released after the header switched (QEMU's order).
    */
@@ -778,7 +807,12 @@ export class ImageWriter {
 
   /** Writes header bytes [from, to) from the in-memory header in one write. */
   writeHeaderRange([from, to]: [number, number]): void {
-    const bytes = encodeHeader(this.header);
+    let bytes = encodeHeader(this.header);
+    if (to > bytes.length) {
+      const padded = new Uint8Array(to); // zeros past the encoded header (setBacking's region)
+      padded.set(bytes);
+      bytes = padded;
+    }
     this.file.write(bytes.subarray(from, to), from);
   }
 
@@ -790,12 +824,14 @@ export class ImageWriter {
   async close(): Promise<void> {
     if (!this.failed) this.commit();
     this.io.drain();
+    await this.io.settle(); // no background fdatasync may outlive the descriptor
     await this.img.close();
   }
 
   /** Closes without writing what is pending (after an error): the file is as the last commit left it. */
   async abandon(): Promise<void> {
     this.failed ??= new Error('abandoned');
+    await this.io.settle();
     await this.img.close();
   }
 }

@@ -15,6 +15,17 @@ export interface BlockFile {
   write(buf: Uint8Array, pos: number): void;
   /** Makes every completed write durable (fsync): an ordering point. */
   flush(): void;
+  /**
+   * Optional: starts making completed writes durable WITHOUT waiting (an fdatasync on Node's
+   * thread pool), so the disk works while the engine computes and the next flush() has less left
+   * to push. Not an ordering point: only flush() is. A failure surfaces at the next flush().
+   */
+  startWriteback?(): void;
+  /**
+   * Optional: resolves once no startWriteback() is in flight. Whoever closes the file awaits it
+   * first (Qcow2Image, RawImage and ImageWriter do), so no fdatasync outlives the descriptor.
+   */
+  settle?(): Promise<void>;
   size(): number;
   truncate(size: number): void;
   /** Bytes the file occupies on the host (allocated blocks). */
@@ -34,6 +45,13 @@ export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
 export class NodeFile implements BlockFile {
   readonly fd: number;
   private closed = false;
+  /** The fdatasyncs started by startWriteback() that have not called back yet. */
+  private writebacks = new Set<Promise<void>>();
+  /**
+   * Its error, kept for the next flush(): Linux reports a writeback error once per open file,
+   * so an error the background fdatasync consumed would otherwise never reach a flush().
+   */
+  private writebackError: unknown = null;
 
   private constructor(
     readonly path: string,
@@ -88,10 +106,31 @@ export class NodeFile implements BlockFile {
   flush(): void {
     if (!this.writable) return;
     try {
+      if (this.writebackError !== null) throw this.writebackError;
       fs.fsyncSync(this.fd);
     } catch (err) {
       throw ioError(err, this.path, 'Could not flush');
     }
+  }
+
+  startWriteback(): void {
+    if (!this.writable || this.closed) return;
+    // Not skipped while an earlier one runs: its callback cannot run before the synchronous
+    // engine returns to the event loop, so "one at a time" would mean "once per operation".
+    // Overlapping fdatasyncs are harmless, and the queue drains itself: one that starts after
+    // the data is on disk finds nothing dirty and returns within a few milliseconds.
+    const p = new Promise<void>((resolve) => {
+      fs.fdatasync(this.fd, (err) => {
+        if (err) this.writebackError ??= err;
+        this.writebacks.delete(p);
+        resolve();
+      });
+    });
+    this.writebacks.add(p);
+  }
+
+  async settle(): Promise<void> {
+    while (this.writebacks.size) await Promise.all(this.writebacks);
   }
 
   size(): number {

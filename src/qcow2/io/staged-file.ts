@@ -9,12 +9,21 @@ import type { BlockFile } from './file.js';
 const STAGE_BYTES = 4 * 1024 * 1024;
 /** Writes at least this large go out as they are: merging them would only add a copy. */
 const DIRECT_BYTES = 64 * 1024;
+/**
+ * After this many bytes written since the last flush or hint, ask the OS to start writing them
+ * back (inner.startWriteback). A bulk copy then overlaps its disk writes with its own reads and
+ * compares instead of paying for all of them in the flush at the next ordering point. Measured
+ * on the 1 GiB chain bench (medians of 7 paired runs, loaded machine): commit 0.84 -> 0.60 s,
+ * safe rebase 0.57 -> 0.48 s; 16 and 64 MiB did worse than 32.
+ */
+const WRITEBACK_BYTES = 32 * 1024 * 1024;
 
 export class StagedFile implements BlockFile {
   private stage = new Uint8Array(0);
   private stagePos = 0;
   private stageLen = 0;
   private dirty = false;
+  private sinceWriteback = 0;
 
   constructor(
     readonly inner: BlockFile,
@@ -42,6 +51,12 @@ export class StagedFile implements BlockFile {
 
   write(buf: Uint8Array, pos: number): void {
     this.dirty = true;
+    this.sinceWriteback += buf.length;
+    if (this.sinceWriteback >= WRITEBACK_BYTES && this.durable && this.inner.startWriteback) {
+      this.drain();
+      this.sinceWriteback = 0;
+      this.inner.startWriteback();
+    }
     if (this.stageLen > 0 && pos === this.stagePos + this.stageLen && this.stageLen + buf.length <= STAGE_BYTES) {
       this.stage.set(buf, this.stageLen);
       this.stageLen += buf.length;
@@ -67,7 +82,13 @@ export class StagedFile implements BlockFile {
     this.drain();
     if (!this.dirty) return;
     this.dirty = false;
+    this.sinceWriteback = 0;
     if (this.durable) this.inner.flush();
+  }
+
+  /** Waits for a background writeback to finish: call before closing the inner file. */
+  async settle(): Promise<void> {
+    await this.inner.settle?.();
   }
 
   size(): number {
