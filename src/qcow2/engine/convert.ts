@@ -43,10 +43,14 @@ const ZERO_BLOCK = new Uint8Array(SPARSE_GRANULARITY);
 /** Longest zero run one extent() call looks for (mapping is per cluster: keep each call short). */
 const SKIP_SPAN = 64 * 1024 * 1024;
 
-export async function convert(src: string, dst: string, opts: ConvertOptions): Promise<void> {
+function checkOptions(opts: ConvertOptions): void {
   if (opts.outputFormat === 'raw' && (opts.compress || opts.targetBacking)) {
     throw new QimgError('USAGE', opts.compress ? 'Compression not supported for this file format' : "Backing file not supported for file format 'raw'");
   }
+}
+
+export async function convert(src: string, dst: string, opts: ConvertOptions): Promise<void> {
+  checkOptions(opts); // before the source is opened
   const top = await openImage(src, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing });
   try {
     top.assertReadable(); // before the output file exists
@@ -59,11 +63,17 @@ export async function convert(src: string, dst: string, opts: ConvertOptions): P
       if (!sn) throw new QimgError('NOT_FOUND', "Failed to load snapshot: Can't find snapshot");
       source = top.snapshotView(sn);
     }
-    if (opts.outputFormat === 'raw') await writeRaw(source, dst, opts.progress);
-    else await writeQcow2(source, dst, opts);
+    await convertFrom(source, dst, opts);
   } finally {
     await top.close();
   }
+}
+
+/** convert() from a layer already open (and readable); `snapshot`, `format` and `backing` are not used. */
+export async function convertFrom(source: Layer, dst: string, opts: ConvertOptions): Promise<void> {
+  checkOptions(opts);
+  if (opts.outputFormat === 'raw') await writeRaw(source, dst, opts.progress);
+  else await writeQcow2(source, dst, opts);
 }
 
 /** A run of guest bytes [off, off + len) being copied; `buf` holds them (and is zero past len). */
