@@ -81,6 +81,11 @@ interface Chunk {
   off: number;
   len: number;
   buf: Uint8Array;
+  /**
+   * With a cluster size: 1 for each cluster (from off) the source maps as zero, which is then
+   * left out of `buf` (neither filled nor scanned). Null: every byte is in `buf`.
+   */
+  zero: Uint8Array | null;
 }
 
 /**
@@ -101,6 +106,8 @@ async function copyOverlapped<P>(
     /** Length of the chunk starting at `off` (at most `step`). */
     length(off: number): number;
     step: number;
+    /** Clusters (offsets aligned to it) that read as zero need not be in the buffer; 0: all bytes are. */
+    zeroGrain: number;
     prepare(c: Chunk): P | Promise<P>;
     place(c: Chunk, prepared: P, writes: Array<Promise<void>>): void;
     commitDue?(): boolean;
@@ -144,8 +151,8 @@ async function copyOverlapped<P>(
           continue;
         }
         const len = plan.length(off);
-        const c: Chunk = { off, len, buf: await takeBuffer() };
-        ready.push({ c, p: track(readChunk(source, c).then(() => plan.prepare(c))) });
+        const c: Chunk = { off, len, buf: await takeBuffer(), zero: plan.zeroGrain ? new Uint8Array(Math.ceil(len / plan.zeroGrain)) : null };
+        ready.push({ c, p: track(readChunk(source, c, plan.zeroGrain).then(() => plan.prepare(c))) });
         off += len;
       }
       const next = ready.shift();
@@ -176,14 +183,25 @@ async function allDone(ps: Array<Promise<unknown>>): Promise<void> {
   for (const r of results) if (r.status === 'rejected') throw r.reason;
 }
 
-/** Fills c.buf with the chunk's guest bytes (zeros past c.len up to the buffer's end). */
-async function readChunk(source: Layer, c: Chunk): Promise<void> {
+/**
+ * Fills c.buf with the chunk's guest bytes (zeros past c.len up to the buffer's end), except
+ * whole `grain` clusters the source maps as zero: those are flagged in c.zero instead.
+ */
+async function readChunk(source: Layer, c: Chunk, grain: number): Promise<void> {
   const reads: Array<Promise<void>> = [];
   for (let done = 0; done < c.len; ) {
     const loc = source.locate(c.off + done, c.len - done);
     const part = c.buf.subarray(done, done + loc.length);
-    if (loc.kind === 'zero') part.fill(0);
-    else if (loc.kind === 'read') source.read(part, c.off + done);
+    if (loc.kind === 'zero') {
+      const end = done + loc.length;
+      const first = c.zero ? Math.ceil(done / grain) : 0;
+      const last = c.zero ? (end === c.len ? Math.ceil(end / grain) : Math.floor(end / grain)) : 0;
+      if (first < last) {
+        c.buf.fill(0, done, first * grain);
+        c.zero!.fill(1, first, last);
+        c.buf.fill(0, Math.min(last * grain, end), end);
+      } else part.fill(0);
+    } else if (loc.kind === 'read') source.read(part, c.off + done);
     else if (loc.file.readAsync) {
       reads.push(
         loc.file.readAsync(part, loc.host).then((n) => {
@@ -217,6 +235,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
         return ext.kind === 'zero' ? Math.max(ext.length, 1) : 0;
       },
       length: (off) => Math.max(1, source.extent(off, Math.min(CHUNK, size - off)).length),
+      zeroGrain: 0,
       prepare: () => undefined,
       place: (c, _, writes) => writeNonZero(out, c.buf.subarray(0, c.len), c.off, writes),
       progress,
@@ -268,11 +287,14 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
         return ext.kind === 'zero' && ext.length >= cs ? Math.min(Math.floor(ext.length / cs) * cs, size - off) : 0;
       },
       length: (off) => Math.min(step, size - off),
+      // Comparing with the backing file needs every byte; otherwise a zero cluster is just skipped.
+      zeroGrain: backing ? 0 : cs,
       prepare: async (c) => {
         const n = Math.ceil(c.len / cs);
         const kinds = new Uint8Array(n);
         if (base) backing!.read(base.subarray(0, c.len), c.off);
         for (let k = 0; k < n; k++) {
+          if (c.zero?.[k]) continue; // Skip
           const from = k * cs;
           const to = Math.min(c.len, from + cs);
           const data = c.buf.subarray(from, to);
