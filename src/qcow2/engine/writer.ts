@@ -168,14 +168,21 @@ export class ImageWriter {
 
   private placeFresh(gc: number, max: number): Array<{ gc: number; host: number; count: number }> {
     const cs = this.clusterSize;
-    const slots: Array<{ table: Uint8Array; index: number; hi: number; lo: number }> = [];
+    const l2Entries = this.img.l2Entries;
+    const slots: Array<{ table: Uint8Array; index: number }> = [];
+    // One table lookup per L2 table the run crosses, not one per cluster.
+    let table: Uint8Array | null = null;
+    let tableL1 = -1;
     for (let k = 0; k < max; k++) {
-      const { table, index } = this.l2ForWrite(gc + k);
-      const hi = u32(table, index * 8);
-      const lo = u32(table, index * 8 + 4);
-      const kind = classifyL2(hi, lo, this.img.zeroFlag);
+      const g = gc + k;
+      if (Math.floor(g / l2Entries) !== tableL1) {
+        table = this.l2ForWrite(g).table;
+        tableL1 = Math.floor(g / l2Entries);
+      }
+      const index = g % l2Entries;
+      const kind = classifyL2(u32(table!, index * 8), u32(table!, index * 8 + 4), this.img.zeroFlag);
       if (kind !== ClusterKind.Unallocated && kind !== ClusterKind.ZeroPlain) break;
-      slots.push({ table, index, hi, lo });
+      slots.push({ table: table!, index });
     }
     const runs: Array<{ gc: number; host: number; count: number }> = [];
     for (let k = 0; k < slots.length; ) {
