@@ -43,6 +43,7 @@ const COST: Record<string, number> = {
   'cli/render.test.js': 13,
   'cli/write.test.js': 12,
   'engine/crash.test.js': 10,
+  'engine/convert.test.js': 11,
   'engine/read.test.js': 8,
   'engine/chains.test.js': 3,
   'check/stream.test.js': 3,

@@ -1,12 +1,14 @@
-// `convert -O raw`: guest bytes of an image (active layer or a snapshot, chain included) into a sparse raw file.
+// `convert`: guest bytes of an image (active layer or a snapshot, chain included) into a new sparse raw
+// file or qcow2 image, with reads, writes and compression overlapped on libuv's threads.
 
 import { QimgError } from '../errors.js';
-import { NodeFile } from '../io/file.js';
+import { NodeFile, readAt } from '../io/file.js';
 import type { Layer } from './layer.js';
 import { closeFile, openImage, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { findSnapshot, parseSnapshotSelector } from './info.js';
 import { openSync, closeSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { ioError } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
 import type { CreateOptions } from './create.js';
@@ -30,13 +32,25 @@ export interface ConvertOptions {
 
 /** Zero runs shorter than this are written; longer aligned ones become holes (qemu-img's -S 4k). */
 const SPARSE_GRANULARITY = 4096;
+/** Guest bytes per read and per write (qemu-img's convert buffer is 2 MiB too). */
 const CHUNK = 2 * 1024 * 1024;
+/**
+ * Chunk buffers: while one is being placed, the others are being read or written on libuv's
+ * threads. Four keep both CPUs of a small machine busy; more only add memory.
+ */
+const BUFFERS = 4;
 const ZERO_BLOCK = new Uint8Array(SPARSE_GRANULARITY);
+/** Longest zero run one extent() call looks for (mapping is per cluster: keep each call short). */
+const SKIP_SPAN = 64 * 1024 * 1024;
 
-export async function convert(src: string, dst: string, opts: ConvertOptions): Promise<void> {
+function checkOptions(opts: ConvertOptions): void {
   if (opts.outputFormat === 'raw' && (opts.compress || opts.targetBacking)) {
     throw new QimgError('USAGE', opts.compress ? 'Compression not supported for this file format' : "Backing file not supported for file format 'raw'");
   }
+}
+
+export async function convert(src: string, dst: string, opts: ConvertOptions): Promise<void> {
+  checkOptions(opts); // before the source is opened
   const top = await openImage(src, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing });
   try {
     top.assertReadable(); // before the output file exists
@@ -49,11 +63,157 @@ export async function convert(src: string, dst: string, opts: ConvertOptions): P
       if (!sn) throw new QimgError('NOT_FOUND', "Failed to load snapshot: Can't find snapshot");
       source = top.snapshotView(sn);
     }
-    if (opts.outputFormat === 'raw') await writeRaw(source, dst, opts.progress);
-    else await writeQcow2(source, dst, opts);
+    await convertFrom(source, dst, opts);
   } finally {
     await top.close();
   }
+}
+
+/** convert() from a layer already open (and readable); `snapshot`, `format` and `backing` are not used. */
+export async function convertFrom(source: Layer, dst: string, opts: ConvertOptions): Promise<void> {
+  checkOptions(opts);
+  if (opts.outputFormat === 'raw') await writeRaw(source, dst, opts.progress);
+  else await writeQcow2(source, dst, opts);
+}
+
+/** A run of guest bytes [off, off + len) being copied; `buf` holds them (and is zero past len). */
+interface Chunk {
+  off: number;
+  len: number;
+  buf: Uint8Array;
+  /**
+   * With a cluster size: 1 for each cluster (from off) the source maps as zero, which is then
+   * left out of `buf` (neither filled nor scanned). Null: every byte is in `buf`.
+   */
+  zero: Uint8Array | null;
+}
+
+/**
+ * The overlapped copy both outputs use. Chunks are read ahead into a few buffers (async reads on
+ * libuv's threads, or the layer's own read() where only it can produce the bytes) and prepared
+ * (zero scan, compression) as they arrive; then, strictly in guest order and synchronously,
+ * `place` makes the chunk's metadata decisions and starts its writes (pushing them on `writes`).
+ * A buffer is reused once its writes are done. When `commitDue` says so, every write started so
+ * far is awaited before `commit` runs: tables reach the file after the data they point at.
+ * The first error stops the copy, but only once every read and write already started has
+ * settled, so nothing touches a buffer or a descriptor after this returns.
+ */
+async function copyOverlapped<P>(
+  source: Layer,
+  plan: {
+    /** Bytes from `off` to leave out (zeros that need no write), or 0. */
+    skip(off: number): number;
+    /** Length of the chunk starting at `off` (at most `step`). */
+    length(off: number): number;
+    step: number;
+    /** Clusters (offsets aligned to it) that read as zero need not be in the buffer; 0: all bytes are. */
+    zeroGrain: number;
+    prepare(c: Chunk): P | Promise<P>;
+    place(c: Chunk, prepared: P, writes: Array<Promise<void>>): void;
+    commitDue?(): boolean;
+    commit?(): void;
+    progress?: (done: number, total: number) => void;
+  },
+): Promise<void> {
+  const size = source.virtualSize;
+  let buffers = 0;
+  const ready: Array<{ c: Chunk; p: Promise<P> }> = [];
+  const writing: Array<{ buf: Uint8Array; done: Promise<void> }> = [];
+  const started = new Set<Promise<unknown>>();
+  // Every promise is observed at once (no unhandled rejection while it waits its turn) and
+  // remembered until it settles, so an error can wait for the others before giving up.
+  const track = <T>(p: Promise<T>): Promise<T> => {
+    started.add(p);
+    p.then(
+      () => started.delete(p),
+      () => started.delete(p),
+    );
+    return p;
+  };
+  const takeBuffer = async (): Promise<Uint8Array> => {
+    if (buffers < BUFFERS) {
+      buffers++;
+      return new Uint8Array(plan.step);
+    }
+    // At most BUFFERS - 1 chunks are being read, so one is being written (or waits to be).
+    const w = writing.shift()!;
+    await w.done;
+    return w.buf;
+  };
+  try {
+    let off = 0;
+    while (off < size || ready.length > 0) {
+      while (off < size && ready.length < BUFFERS - 1) {
+        const skip = plan.skip(off);
+        if (skip > 0) {
+          off += skip;
+          plan.progress?.(Math.min(off, size), size);
+          continue;
+        }
+        const len = plan.length(off);
+        const c: Chunk = { off, len, buf: await takeBuffer(), zero: plan.zeroGrain ? new Uint8Array(Math.ceil(len / plan.zeroGrain)) : null };
+        ready.push({ c, p: track(readChunk(source, c, plan.zeroGrain).then(() => plan.prepare(c))) });
+        off += len;
+      }
+      const next = ready.shift();
+      if (!next) break;
+      const prepared = await next.p;
+      const writes: Array<Promise<void>> = [];
+      try {
+        plan.place(next.c, prepared, writes);
+      } finally {
+        writing.push({ buf: next.c.buf, done: track(allDone(writes)) });
+      }
+      if (plan.commitDue?.()) {
+        for (const w of writing) await w.done;
+        plan.commit!();
+      }
+      plan.progress?.(Math.min(next.c.off + next.c.len, size), size);
+    }
+    for (const w of writing) await w.done;
+  } catch (err) {
+    await Promise.allSettled([...started]);
+    throw err;
+  }
+}
+
+/** Resolves when every promise has settled; rejects with the first error, if any. */
+async function allDone(ps: Array<Promise<unknown>>): Promise<void> {
+  const results = await Promise.allSettled(ps);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
+/**
+ * Fills c.buf with the chunk's guest bytes (zeros past c.len up to the buffer's end), except
+ * whole `grain` clusters the source maps as zero: those are flagged in c.zero instead.
+ */
+async function readChunk(source: Layer, c: Chunk, grain: number): Promise<void> {
+  const reads: Array<Promise<void>> = [];
+  for (let done = 0; done < c.len; ) {
+    const loc = source.locate(c.off + done, c.len - done);
+    const part = c.buf.subarray(done, done + loc.length);
+    if (loc.kind === 'zero') {
+      const end = done + loc.length;
+      const first = c.zero ? Math.ceil(done / grain) : 0;
+      const last = c.zero ? (end === c.len ? Math.ceil(end / grain) : Math.floor(end / grain)) : 0;
+      if (first < last) {
+        c.buf.fill(0, done, first * grain);
+        c.zero!.fill(1, first, last);
+        c.buf.fill(0, Math.min(last * grain, end), end);
+      } else part.fill(0);
+    } else if (loc.kind === 'read') source.read(part, c.off + done);
+    else if (loc.file.readAsync) {
+      reads.push(
+        loc.file.readAsync(part, loc.host).then((n) => {
+          if (n < part.length) part.fill(0, n); // past the host file's end reads as zeros
+        }),
+      );
+    } else readAt(loc.file, part, loc.host);
+    done += loc.length;
+  }
+  c.buf.fill(0, c.len);
+  // All of them settle before this does: the buffer is not handed on with a read still landing.
+  await allDone(reads);
 }
 
 async function writeRaw(source: Layer, dst: string, progress?: (done: number, total: number) => void): Promise<void> {
@@ -68,24 +228,30 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
     const { lockImage } = await import('../io/lock.js');
     await lockImage(out.fd, dst, 'write');
     const size = source.virtualSize;
-    const buf = new Uint8Array(CHUNK);
-    for (let off = 0; off < size; ) {
-      const ext = source.extent(off, Math.min(CHUNK, size - off));
-      const len = Math.max(ext.length, 1);
-      if (ext.kind === 'data') {
-        const chunk = buf.subarray(0, len);
-        source.read(chunk, off);
-        writeNonZero(out, chunk, off);
-      }
-      off += len;
-      progress?.(Math.min(off, size), size);
-    }
+    await copyOverlapped(source, {
+      step: CHUNK,
+      skip: (off) => {
+        const ext = source.extent(off, Math.min(SKIP_SPAN, size - off));
+        return ext.kind === 'zero' ? Math.max(ext.length, 1) : 0;
+      },
+      length: (off) => Math.max(1, source.extent(off, Math.min(CHUNK, size - off)).length),
+      zeroGrain: 0,
+      prepare: () => undefined,
+      place: (c, _, writes) => writeNonZero(out, c.buf.subarray(0, c.len), c.off, writes),
+      progress,
+    });
     out.truncate(size);
     // No fsync: a new output, written the way qemu-img convert writes it (cache mode "unsafe").
   } finally {
     await closeFile(out);
   }
 }
+
+/** What happens to each cluster of a chunk, decided before it is placed. */
+const Skip = 0;
+const Zero = 1;
+const Data = 2;
+const EMPTY = new Uint8Array(0);
 
 /**
  * A new qcow2 image with the source's guest data: zero clusters stay unallocated (or become
@@ -94,7 +260,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
  */
 async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Promise<void> {
   const { create } = await import('./create.js');
-  const { openWriter, deflateCompressor } = await import('./writer.js');
+  const { openWriter } = await import('./writer.js');
   const tb = opts.targetBacking;
   await create(dst, {
     ...opts.createOptions,
@@ -105,44 +271,77 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
   // A new output nobody relies on yet: written in order but not fsynced, as qemu-img convert does.
   const w = await openWriter(dst, { backing: { follow: 'any' }, durable: false });
   try {
-    let compressor = deflateCompressor;
-    if (opts.compress && w.header.compressionType === COMPRESSION_ZSTD) compressor = await zstdCompressor();
+    const compress = opts.compress ? await compressorFor(w.header.compressionType) : null;
     const cs = w.clusterSize;
     const size = source.virtualSize;
     const backing = w.img.backing;
-    const chunkBytes = Math.max(cs, Math.floor(CHUNK / cs) * cs);
-    const buf = new Uint8Array(chunkBytes);
-    const base = backing ? new Uint8Array(chunkBytes) : null;
-    for (let off = 0; off < size; ) {
-      const len = Math.min(chunkBytes, size - off);
-      const ext = source.extent(off, len);
-      // Skip whole target clusters the source reads as zero (off stays cluster aligned).
-      if (ext.kind === 'zero' && !backing && ext.length >= cs) {
-        off += Math.min(Math.floor(ext.length / cs) * cs, size - off);
-        opts.progress?.(Math.min(off, size), size);
-        continue;
-      }
-      const chunk = buf.subarray(0, len);
-      source.read(chunk, off);
-      if (base) backing!.read(base.subarray(0, len), off);
-      for (let c = 0; c < len; c += cs) {
-        const n = Math.min(cs, len - c);
-        const data = chunk.subarray(c, c + n);
-        const zero = isZero(data);
-        if (base) {
-          const under = base.subarray(c, c + n);
-          if (Buffer.compare(data, under) === 0) continue;
-          if (zero) {
-            w.writeZeroes(off + c, n);
-            continue;
+    const step = Math.max(cs, Math.floor(CHUNK / cs) * cs);
+    const base = backing ? new Uint8Array(step) : null;
+    const outFile = w.img.file;
+    await copyOverlapped<{ kinds: Uint8Array; packed: Uint8Array[] | null }>(source, {
+      step,
+      // Whole target clusters the source reads as zero need nothing (off stays cluster aligned).
+      skip: (off) => {
+        if (backing) return 0;
+        const ext = source.extent(off, Math.min(SKIP_SPAN, size - off));
+        return ext.kind === 'zero' && ext.length >= cs ? Math.min(Math.floor(ext.length / cs) * cs, size - off) : 0;
+      },
+      length: (off) => Math.min(step, size - off),
+      // Comparing with the backing file needs every byte; otherwise a zero cluster is just skipped.
+      zeroGrain: backing ? 0 : cs,
+      prepare: async (c) => {
+        const n = Math.ceil(c.len / cs);
+        const kinds = new Uint8Array(n);
+        if (base) backing!.read(base.subarray(0, c.len), c.off);
+        for (let k = 0; k < n; k++) {
+          if (c.zero?.[k]) continue; // Skip
+          const from = k * cs;
+          const to = Math.min(c.len, from + cs);
+          const data = c.buf.subarray(from, to);
+          const zero = isZero(data);
+          if (base) kinds[k] = Buffer.compare(data, base.subarray(from, to)) === 0 ? Skip : zero ? Zero : Data;
+          else kinds[k] = zero ? Skip : Data;
+        }
+        if (!compress) return { kinds, packed: null };
+        // The buffer is zero past c.len, so a cut last cluster is compressed whole.
+        const jobs = Array.from(kinds, (kind, k) => (kind === Data ? compress(c.buf.subarray(k * cs, (k + 1) * cs)) : null));
+        const packed: Uint8Array[] = [];
+        await allDone(jobs.filter((j) => j !== null));
+        for (const j of jobs) packed.push(j ? await j : EMPTY);
+        return { kinds, packed };
+      },
+      place: (c, { kinds, packed }, writes) => {
+        for (let k = 0; k < kinds.length; ) {
+          const gc = (c.off + k * cs) / cs;
+          if (kinds[k] === Skip) {
+            k++;
+          } else if (kinds[k] === Zero) {
+            w.writeZeroes(c.off + k * cs, Math.min(cs, c.len - k * cs));
+            k++;
+          } else if (packed) {
+            w.writeCompressedPacked(gc, c.buf.subarray(k * cs, (k + 1) * cs), packed[k]!);
+            k++;
+          } else {
+            let run = 1;
+            while (k + run < kinds.length && kinds[k + run] === Data) run++;
+            let placed = 0;
+            if (outFile.writeAsync) {
+              for (const r of w.placeClusters(gc, run)) {
+                const from = (r.gc - gc + k) * cs;
+                writes.push(outFile.writeAsync(c.buf.subarray(from, from + r.count * cs), r.host));
+                placed += r.count;
+              }
+            }
+            // What placeClusters left (extended L2, or no async writes): the writer's own path.
+            if (placed < run) w.write(c.buf.subarray((k + placed) * cs, Math.min(c.len, (k + run) * cs)), c.off + (k + placed) * cs);
+            k += run;
           }
-        } else if (zero) continue;
-        if (opts.compress) w.writeCompressed((off + c) / cs, n === cs ? data : padded(data, cs), compressor);
-        else w.write(data, off + c);
-      }
-      off += len;
-      opts.progress?.(Math.min(off, size), size);
-    }
+        }
+      },
+      commitDue: () => w.commitDue,
+      commit: () => w.commit(),
+      progress: opts.progress,
+    });
     await w.close();
   } catch (err) {
     await w.abandon();
@@ -150,14 +349,11 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
   }
 }
 
-function padded(data: Uint8Array, n: number): Uint8Array {
-  const out = new Uint8Array(n);
-  out.set(data);
-  return out;
-}
-
 const ZERO_CHECK = new Uint8Array(65536);
+/** Whether every byte is zero: memcmp against a zero block (native), 64 KiB at a time. */
 function isZero(data: Uint8Array): boolean {
+  // Most data clusters fail on their first or last byte, without a call into C++.
+  if (data.length > 0 && (data[0] !== 0 || data[data.length - 1] !== 0)) return false;
   for (let i = 0; i < data.length; i += ZERO_CHECK.length) {
     const part = data.subarray(i, Math.min(data.length, i + ZERO_CHECK.length));
     if (Buffer.compare(part, ZERO_CHECK.subarray(0, part.length)) !== 0) return false;
@@ -165,29 +361,57 @@ function isZero(data: Uint8Array): boolean {
   return true;
 }
 
-/** zstd compression (level 3, zstd's default) from a WebAssembly build: Node 20's zlib has no zstd. */
-async function zstdCompressor(): Promise<(data: Uint8Array) => Uint8Array> {
-  const z = await import('@bokuweb/zstd-wasm');
-  await z.init();
-  return (data) => z.compress(data, 3);
+/**
+ * The image's compression as an async call: zlib (raw deflate, QEMU's "zlib" type) on libuv's
+ * threads, at most a few clusters at a time so reads still find a free thread; zstd from a
+ * WebAssembly build on this thread (Node 20's zlib has no zstd).
+ */
+async function compressorFor(type: number): Promise<(data: Uint8Array) => Promise<Uint8Array>> {
+  if (type === COMPRESSION_ZSTD) {
+    const z = await import('@bokuweb/zstd-wasm');
+    await z.init();
+    return async (data) => z.compress(data, 3); // level 3, zstd's default
+  }
+  const { deflateRaw } = await import('node:zlib');
+  const limit = limiter(COMPRESS_JOBS);
+  return (data) => limit(() => new Promise((resolve, reject) => deflateRaw(data, (err, out) => (err ? reject(err) : resolve(out)))));
 }
 
-/** Writes `chunk` at `pos`, leaving aligned all-zero blocks as holes. */
-function writeNonZero(out: NodeFile, chunk: Uint8Array, pos: number): void {
+/** Deflate jobs at once: about one per CPU, leaving libuv's fourth thread for reads. */
+const COMPRESS_JOBS = Math.max(1, Math.min(3, availableParallelism() + 1));
+
+/** Runs at most `n` of the given async jobs at a time, in call order. */
+function limiter(n: number): <T>(job: () => Promise<T>) => Promise<T> {
+  let running = 0;
+  const waiting: Array<() => void> = [];
+  return async (job) => {
+    if (running >= n) await new Promise<void>((resolve) => waiting.push(resolve));
+    running++;
+    try {
+      return await job();
+    } finally {
+      running--;
+      waiting.shift()?.();
+    }
+  };
+}
+
+/** Starts the writes of `chunk` at `pos` (onto `writes`), leaving aligned all-zero blocks as holes. */
+function writeNonZero(out: NodeFile, chunk: Uint8Array, pos: number, writes: Array<Promise<void>>): void {
   const g = SPARSE_GRANULARITY;
   let runStart = -1;
   // Block boundaries are aligned to the file offset so holes match qemu-img's.
   let i = 0;
   while (i < chunk.length) {
     const next = Math.min(chunk.length, i + (g - ((pos + i) % g)));
-    const block = chunk.subarray(i, next);
-    const zero = block.length === g && Buffer.compare(block, ZERO_BLOCK) === 0;
+    // Most data blocks fail on their first or last byte, without a call into C++.
+    const zero = next - i === g && chunk[i] === 0 && chunk[next - 1] === 0 && Buffer.compare(chunk.subarray(i, next), ZERO_BLOCK) === 0;
     if (!zero && runStart < 0) runStart = i;
     if (zero && runStart >= 0) {
-      out.write(chunk.subarray(runStart, i), pos + runStart);
+      writes.push(out.writeAsync(chunk.subarray(runStart, i), pos + runStart));
       runStart = -1;
     }
     i = next;
   }
-  if (runStart >= 0) out.write(chunk.subarray(runStart), pos + runStart);
+  if (runStart >= 0) writes.push(out.writeAsync(chunk.subarray(runStart), pos + runStart));
 }

@@ -8,7 +8,7 @@ import * as L from '../format/layout.js';
 import { decodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
 import { readAt, type BlockFile } from '../io/file.js';
 import { decompressCluster } from './decompress.js';
-import type { Extent, Layer } from './layer.js';
+import type { Extent, Layer, Location } from './layer.js';
 
 /** Bytes read at a time while measuring the snapshot table entry by entry. */
 const SNAPSHOT_SCAN_WINDOW = 64 * 1024;
@@ -371,6 +371,41 @@ export class Qcow2Image implements Layer {
       len += plen;
     }
     return { kind: kind ?? 'zero', length: Math.max(len, 0) };
+  }
+
+  locate(offset: number, maxLength: number): Location {
+    const end = Math.min(offset + maxLength, this.virtualSize);
+    if (this.header.cryptMethod !== L.CRYPT_NONE) return { kind: 'read', length: end - offset };
+    const p = this.plan(offset, end - offset);
+    switch (p.kind) {
+      case PlanKind.Compressed:
+        return { kind: 'read', length: p.length };
+      case PlanKind.Unallocated:
+      case PlanKind.Zero: {
+        if (p.kind === PlanKind.Unallocated && this.backing && offset < this.backing.virtualSize) {
+          return this.backing.locate(offset, Math.min(p.length, this.backing.virtualSize - offset));
+        }
+        // Nothing below (or past its end): reads as zero.
+        let len = p.length;
+        while (offset + len < end) {
+          const q = this.plan(offset + len, end - offset - len);
+          const zero = q.kind === PlanKind.Zero || (q.kind === PlanKind.Unallocated && (!this.backing || offset + len >= this.backing.virtualSize));
+          if (!zero) break;
+          len += q.length;
+        }
+        return { kind: 'zero', length: len };
+      }
+      case PlanKind.Data: {
+        // Following clusters contiguous on the host become one run (one read).
+        let len = p.length;
+        while (offset + len < end) {
+          const q = this.plan(offset + len, end - offset - len);
+          if (q.kind !== PlanKind.Data || q.host !== p.host + len) break;
+          len += q.length;
+        }
+        return { kind: 'host', length: len, file: this.dataFile, host: p.host };
+      }
+    }
   }
 
   async close(): Promise<void> {

@@ -1,7 +1,7 @@
 // A raw image: guest byte N is host byte N; the virtual size is the file size.
 
 import type { BlockFile } from '../io/file.js';
-import type { Extent, Layer } from './layer.js';
+import type { Extent, Layer, Location } from './layer.js';
 
 export class RawImage implements Layer {
   readonly format = 'raw' as const;
@@ -23,8 +23,21 @@ export class RawImage implements Layer {
   assertReadable(): void {}
 
   extent(offset: number, maxLength: number): Extent {
-    // Holes are found by the zero scan of the caller; a raw file is all "data" to the mapper.
-    return { kind: 'data', length: Math.min(maxLength, this.virtualSize - offset) };
+    // Holes the file system reports (SEEK_HOLE) read as zero; zero bytes written out are found
+    // by the caller's zero scan. The tail past the file's end (sector rounding) reads as zero.
+    const max = Math.min(maxLength, this.virtualSize - offset);
+    const run = this.file.dataRun?.(offset) ?? null;
+    if (run === null) {
+      const fileSize = this.file.size();
+      if (offset >= fileSize) return { kind: 'zero', length: max };
+      return { kind: 'data', length: Math.min(max, fileSize - offset) };
+    }
+    return { kind: run.data ? 'data' : 'zero', length: Math.min(max, run.length) };
+  }
+
+  locate(offset: number, maxLength: number): Location {
+    const e = this.extent(offset, maxLength);
+    return e.kind === 'zero' ? e : { kind: 'host', length: e.length, file: this.file, host: offset };
   }
 
   async close(): Promise<void> {

@@ -132,33 +132,75 @@ export class ImageWriter {
 
   /**
    * Whole clusters that hold no data of their own (unallocated or plain zero) take new,
-   * contiguous host clusters written with ONE write — how a convert or a large guest write
-   * fills an image. Returns how many clusters it wrote (0: the first one does not qualify).
+   * contiguous host clusters written with ONE write — how a large guest write fills an image.
+   * Returns how many clusters it wrote (0: the first one does not qualify).
    */
   private writeFreshRun(gc: number, run: Uint8Array): number {
     const cs = this.clusterSize;
-    const max = Math.floor(run.length / cs);
-    const slots: Array<{ table: Uint8Array; index: number; hi: number; lo: number }> = [];
-    for (let k = 0; k < max; k++) {
-      const { table, index } = this.l2ForWrite(gc + k);
-      const hi = u32(table, index * 8);
-      const lo = u32(table, index * 8 + 4);
-      const kind = classifyL2(hi, lo, this.img.zeroFlag);
-      if (kind !== ClusterKind.Unallocated && kind !== ClusterKind.ZeroPlain) break;
-      slots.push({ table, index, hi, lo });
+    const runs = this.placeFresh(gc, Math.floor(run.length / cs));
+    let n = 0;
+    for (const r of runs) {
+      // Only the in-memory tables point at the clusters yet: the data lands before commit() writes them.
+      this.hostWrite(run.subarray((r.gc - gc) * cs, (r.gc - gc + r.count) * cs), r.host);
+      n += r.count;
     }
-    if (slots.length === 0) return 0;
+    return n;
+  }
+
+  /**
+   * For a caller that writes guest data itself (convert's overlapped copy): whole guest clusters
+   * from `gc` on that hold no data of their own get fresh host clusters, contiguous where the
+   * allocator allows, and the in-memory tables point at them. Returns the host runs (covering
+   * `count` clusters or fewer: the first that holds data stops it; [] for extended L2 images,
+   * which take write()). Every run's data must be written before the next commit(), which is
+   * when the tables reach the file; no commit happens in here. A last cluster cut by the
+   * virtual size is placed whole: write all of it (zero padded).
+   */
+  placeClusters(gc: number, count: number): Array<{ gc: number; host: number; count: number }> {
+    this.dataGuard();
+    const cs = this.clusterSize;
+    this.checkRange(gc * cs, Math.min(count * cs, this.img.virtualSize - gc * cs));
+    if (this.img.extendedL2) return [];
+    const runs = this.placeFresh(gc, count);
+    for (const r of runs) this.noteWrite(r.host + r.count * cs);
+    return runs;
+  }
+
+  private placeFresh(gc: number, max: number): Array<{ gc: number; host: number; count: number }> {
+    const cs = this.clusterSize;
+    const l2Entries = this.img.l2Entries;
+    const slots: Array<{ table: Uint8Array; index: number }> = [];
+    // One table lookup per L2 table the run crosses, not one per cluster.
+    let table: Uint8Array | null = null;
+    let tableL1 = -1;
+    for (let k = 0; k < max; k++) {
+      const g = gc + k;
+      if (Math.floor(g / l2Entries) !== tableL1) {
+        table = this.l2ForWrite(g).table;
+        tableL1 = Math.floor(g / l2Entries);
+      }
+      const index = g % l2Entries;
+      const kind = classifyL2(u32(table!, index * 8), u32(table!, index * 8 + 4), this.img.zeroFlag);
+      if (kind !== ClusterKind.Unallocated && kind !== ClusterKind.ZeroPlain) break;
+      slots.push({ table: table!, index });
+    }
+    const runs: Array<{ gc: number; host: number; count: number }> = [];
     for (let k = 0; k < slots.length; ) {
       const { offset, count } = this.refs.allocUpTo(slots.length - k);
-      this.hostWrite(run.subarray(k * cs, (k + count) * cs), offset); // data lands before any table points at it
       for (let j = 0; j < count; j++) {
         const slot = slots[k + j]!;
         const [h2, l2] = encodeOffset(offset + j * cs, true);
         this.setEntry(slot.table, slot.index, h2, l2);
       }
+      runs.push({ gc: gc + k, host: offset, count });
       k += count;
     }
-    return slots.length;
+    return runs;
+  }
+
+  /** True when enough tables are dirty that the caller should commit() (see placeClusters). */
+  get commitDue(): boolean {
+    return this.img.dirtyL2.size >= MAX_DIRTY_L2;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -461,7 +503,15 @@ export class ImageWriter {
     const cs = this.clusterSize;
     if (data.length !== cs) throw new QimgError('USAGE', 'compressed writes take exactly one cluster');
     this.checkRange(gc * cs, Math.min(cs, this.img.virtualSize - gc * cs));
-    const packed = compress(data);
+    this.writeCompressedPacked(gc, data, compress(data));
+  }
+
+  /** writeCompressed with the compression already done (`packed` is compress(data)), e.g. on other threads. */
+  writeCompressedPacked(gc: number, data: Uint8Array, packed: Uint8Array): void {
+    this.dataGuard();
+    const cs = this.clusterSize;
+    if (data.length !== cs) throw new QimgError('USAGE', 'compressed writes take exactly one cluster');
+    this.checkRange(gc * cs, Math.min(cs, this.img.virtualSize - gc * cs));
     if (packed.length >= cs) return this.write(data.subarray(0, Math.min(cs, this.img.virtualSize - gc * cs)), gc * cs);
     const { table, index } = this.l2ForWrite(gc);
     const w = this.entryWidth();

@@ -1,10 +1,11 @@
 // Positional file I/O behind one small synchronous interface: the only code that opens image files.
 //
 // Synchronous on purpose: the engine issues many small metadata reads in a dependent order, and
-// Node's async fs pays a thread-pool round trip for each. Concurrency across images comes from
-// worker threads, not from interleaving one image's I/O.
+// Node's async fs pays a thread-pool round trip for each. Bulk data copies (convert) use the
+// optional async calls instead, so reads and writes of megabytes overlap on libuv's threads.
 
 import * as fs from 'node:fs';
+import { createRequire } from 'node:module';
 import { QimgError, ioError } from '../errors.js';
 
 export interface BlockFile {
@@ -33,13 +34,39 @@ export interface BlockFile {
   close(): void;
   /** The OS descriptor when there is one (locks need it). */
   readonly fd: number | null;
+  /**
+   * Async forms for bulk data, run on libuv's thread pool (absent: use the sync ones). The
+   * caller keeps `buf` untouched until the promise settles, and orders overlapping requests.
+   */
+  readAsync?(buf: Uint8Array, pos: number): Promise<number>;
+  writeAsync?(buf: Uint8Array, pos: number): Promise<void>;
+  /**
+   * Whether the file holds data or a hole at `pos` (< size), and for how long, as
+   * SEEK_DATA/SEEK_HOLE report it; absent or null: the file cannot tell (treat it as data).
+   */
+  dataRun?(pos: number): { data: boolean; length: number } | null;
 }
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+interface FsSeek {
+  seekSync(fd: number, offset: number, whence: number): number;
+}
+let fsSeek: FsSeek | null = null;
 
 /** Reads exactly buf.length bytes, filling past end-of-file with zeros; returns bytes really read. */
 export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
   const n = file.read(buf, pos);
   if (n < buf.length) buf.fill(0, n);
   return n;
+}
+
+/** fs.read / fs.write as promises without fs.promises' FileHandle (the engine holds plain fds). */
+function readP(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<{ bytesRead: number }> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead }))));
+}
+function writeP(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {
+  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, bytesWritten) => (err ? reject(err) : resolve({ bytesWritten }))));
 }
 
 export class NodeFile implements BlockFile {
@@ -100,6 +127,48 @@ export class NodeFile implements BlockFile {
       } catch (err) {
         throw ioError(err, this.path, 'Could not write to');
       }
+    }
+  }
+
+  async readAsync(buf: Uint8Array, pos: number): Promise<number> {
+    let done = 0;
+    while (done < buf.length) {
+      let n: number;
+      try {
+        ({ bytesRead: n } = await readP(this.fd, buf, done, buf.length - done, pos + done));
+      } catch (err) {
+        throw ioError(err, this.path, 'Could not read');
+      }
+      if (n === 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  async writeAsync(buf: Uint8Array, pos: number): Promise<void> {
+    if (!this.writable) throw new QimgError('READ_ONLY', `'${this.path}' is open read-only`);
+    let done = 0;
+    while (done < buf.length) {
+      try {
+        done += (await writeP(this.fd, buf, done, buf.length - done, pos + done)).bytesWritten;
+      } catch (err) {
+        throw ioError(err, this.path, 'Could not write to');
+      }
+    }
+  }
+
+  dataRun(pos: number): { data: boolean; length: number } | null {
+    const size = this.size();
+    if (pos >= size) return null;
+    try {
+      fsSeek ??= createRequire(import.meta.url)('fs-ext') as FsSeek;
+      const data = fsSeek.seekSync(this.fd, pos, SEEK_DATA);
+      if (data > pos) return { data: false, length: Math.min(data, size) - pos };
+      return { data: true, length: Math.min(fsSeek.seekSync(this.fd, pos, SEEK_HOLE), size) - pos };
+    } catch (err) {
+      // ENXIO: no data at or after pos, the rest is a hole. Anything else (EINVAL: no support): unknown.
+      if ((err as NodeJS.ErrnoException).code === 'ENXIO') return { data: false, length: size - pos };
+      return null;
     }
   }
 
