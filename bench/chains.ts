@@ -64,15 +64,18 @@ function fresh(name: string): string {
 interface Timed {
   wall: number;
   rssKiB: number;
+  /** user + system CPU seconds: less at the mercy of other processes than wall time. */
+  cpu: number;
 }
 
 function timed(cmd: string, args: string[]): Timed {
   const t0 = process.hrtime.bigint();
-  const r = spawnSync('/usr/bin/time', ['-f', '%M', cmd, ...args], { encoding: 'utf8' });
+  const r = spawnSync('/usr/bin/time', ['-f', '%M %U %S', cmd, ...args], { encoding: 'utf8' });
   const wall = Number(process.hrtime.bigint() - t0) / 1e9;
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr}`);
   const lines = r.stderr.trim().split('\n');
-  return { wall, rssKiB: Number(lines[lines.length - 1]) };
+  const [rss, user, sys] = lines[lines.length - 1]!.split(' ').map(Number) as [number, number, number];
+  return { wall, rssKiB: rss, cpu: user + sys };
 }
 
 const CASES: Record<string, { qimg: (d: string, bin?: string) => string[]; qemu: (d: string) => string[]; check: string[] }> = {
@@ -107,8 +110,8 @@ export function chainsMain(args: string[]): void {
   generate();
   console.log(`chains bench: 1 GiB chain, ${runs} paired runs per case (load ${(spawnSync('cat', ['/proc/loadavg'], { encoding: 'utf8' }).stdout.split(' ')[0])})`);
   const vsCols = VS ? [' x --vs tree (median of pairs) |', '---|'] : ['', ''];
-  console.log(`| case | qimg s (median) | qemu-img s (median) | ratio (median of pairs) |${vsCols[0]} qimg RSS MiB | qemu-img RSS MiB |`);
-  console.log(`|---|---|---|---|${vsCols[1]}---|---|`);
+  console.log(`| case | qimg s (median) | qemu-img s (median) | ratio (median of pairs) |${vsCols[0]} CPU s qimg / qemu-img | qimg RSS MiB | qemu-img RSS MiB |`);
+  console.log(`|---|---|---|---|${vsCols[1]}---|---|---|`);
   for (const [label, c] of Object.entries(CASES)) {
     const mine: Timed[] = [];
     const theirs: Timed[] = [];
@@ -145,7 +148,7 @@ export function chainsMain(args: string[]): void {
     const qw = median(theirs.map((x) => x.wall));
     const vsCol = VS ? ` ${median(vsRatios).toFixed(2)} |` : '';
     console.log(
-      `| ${label} | ${mw.toFixed(2)} | ${qw.toFixed(2)} | ${median(ratios).toFixed(2)} |${vsCol} ${(Math.max(...mine.map((x) => x.rssKiB)) / 1024).toFixed(0)} | ${(Math.max(...theirs.map((x) => x.rssKiB)) / 1024).toFixed(0)} |`,
+      `| ${label} | ${mw.toFixed(2)} | ${qw.toFixed(2)} | ${median(ratios).toFixed(2)} |${vsCol} ${median(mine.map((x) => x.cpu)).toFixed(2)} / ${median(theirs.map((x) => x.cpu)).toFixed(2)} | ${(Math.max(...mine.map((x) => x.rssKiB)) / 1024).toFixed(0)} | ${(Math.max(...theirs.map((x) => x.rssKiB)) / 1024).toFixed(0)} |`,
     );
   }
   for (const d of ['a', 'b', 'v']) rmSync(join(DIR, d), { recursive: true, force: true });

@@ -29,6 +29,7 @@ const COST: Record<string, number> = {
   'check/check.test.js': 55, // the three check*.test.js files: 133 s as one file before the split
   'check/check-more.test.js': 55,
   'check/check-repair.test.js': 25,
+  'check/snapshot-repair.test.js': 50, // builds a 67 MB table and sweeps crashes under qemu-img check
   'cli/info.test.js': 49,
   'fuzz/bounds.test.js': 43,
   'fuzz/fuzz.test.js': 100, // 56 s, but on 2 worker processes of its own: counted for both cores

@@ -13,8 +13,8 @@ const DIRECT_BYTES = 64 * 1024;
  * After this many bytes written since the last flush or hint, ask the OS to start writing them
  * back (inner.startWriteback). A bulk copy then overlaps its disk writes with its own reads and
  * compares instead of paying for all of them in the flush at the next ordering point. Measured
- * on the 1 GiB chain bench (medians of 7 paired runs, loaded machine): commit 0.84 -> 0.60 s,
- * safe rebase 0.57 -> 0.48 s; 16 and 64 MiB did worse than 32.
+ * on the 1 GiB chain bench (one A/B of 7 rotated rounds each, loaded machine, so rough): commit
+ * 0.84 -> 0.60 s, safe rebase 0.57 -> 0.48 s; 16 and 64 MiB did worse than 32.
  */
 const WRITEBACK_BYTES = 32 * 1024 * 1024;
 
