@@ -207,6 +207,50 @@ test('a refcount overflow refuses the operation and leaves the image as it was',
   clean(a);
 });
 
+/** Sets the 16-bit refcount of the host cluster holding guest cluster `gc` (64 KiB clusters, one refcount block). */
+function pokeDataRefcount(path: string, gc: number, value: number): void {
+  const b = readFileSync(path);
+  const img = Qcow2Image.open(new MemoryFile(new Uint8Array(b), 'm', false), 'm');
+  const l2 = Number(b.readBigUInt64BE(img.header.l1TableOffset) & 0x00fffffffffffe00n);
+  const host = Number(b.readBigUInt64BE(l2 + gc * 8) & 0x00fffffffffffe00n);
+  const block = Number(b.readBigUInt64BE(img.header.refcountTableOffset) & 0x00fffffffffffe00n);
+  b.writeUInt16BE(value, block + (host / 65536) * 2);
+  writeFileSync(path, b);
+}
+
+// The 16-bit fast loop only learns that some change was invalid at the end of a table; it then
+// undoes and walks again checking each change. These pin the messages and the untouched file.
+test('16-bit refcounts: an overflow, a drop below zero and a reference to a free cluster refuse with the file unchanged', () => {
+  const dir = tmpDir();
+  const base = join(dir, 'base.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', base, '8M']);
+  mustQemuIo(['-c', 'write -P 0x11 0 1M', base]);
+  const cases: Array<[string, number, string[], RegExp]> = [
+    ['overflow', 65535, ['-c', 's'], /^qimg: Could not create snapshot 's': refcount of cluster 0x[0-9a-f]+ would exceed 65535\n$/],
+    ['free', 0, ['-c', 's'], /^qimg: Could not create snapshot 's': cluster 0x[0-9a-f]+ is referenced but its refcount is 0 /],
+  ];
+  for (const [name, value, args, message] of cases) {
+    const a = join(dir, `${name}.qcow2`);
+    copyFileSync(base, a);
+    pokeDataRefcount(a, 7, value);
+    const before = readFileSync(a);
+    const r = qimg(['snapshot', ...args, a]);
+    assert.is(r.status, 1, `${name}: ${r.stderr}`);
+    assert.match(r.stderr, message, name);
+    assert.ok(readFileSync(a).equals(before), `${name}: the image changed`);
+  }
+  // A snapshot shares every cluster (refcount 2); one poked to 0, deleting the snapshot would go below zero.
+  const d = join(dir, 'below.qcow2');
+  copyFileSync(base, d);
+  assert.is(qimg(['snapshot', '-c', 's', d]).status, 0);
+  pokeDataRefcount(d, 9, 0); // the delete's -1 would take it to -1
+  const before = readFileSync(d);
+  const r = qimg(['snapshot', '-d', 's', d]);
+  assert.is(r.status, 1, r.stderr);
+  assert.match(r.stderr, /^qimg: Could not delete snapshot 's': refcount of cluster 0x[0-9a-f]+ would drop below zero\n$/);
+  assert.ok(readFileSync(d).equals(before), 'delete: the image changed');
+});
+
 test('a dirty image is repaired on a read-write open, with the same log and result as qemu-img', () => {
   const dir = tmpDir();
   const a = join(dir, 'a.qcow2');

@@ -762,6 +762,10 @@ export class RefcountEdit {
     this.touched.clear();
     this.zeros = [];
     this.lastT = -1;
+    this.lastUp = -1;
+    this.increased = false;
+    this.decreased = false;
+    this.endedAtOne.clear();
     return err;
   }
 

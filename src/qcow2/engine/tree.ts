@@ -3,6 +3,7 @@
 
 import { QimgError, hex } from '../errors.js';
 import { LITTLE_ENDIAN_HOST, be32, u32, words32 } from '../format/bytes.js';
+import { getRefcount } from '../format/refblock.js';
 import { compressedByteLength, compressedOffset, corruptEntry, entryOffset, l2EntryProblem } from '../format/entries.js';
 import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
@@ -171,20 +172,37 @@ export function applyTreeRefs(img: Qcow2Image, trees: Array<[l1: Uint8Array, d: 
   const ew = img.extendedL2 ? 16 : 8;
   const cb = img.clusterBits;
   const fast16 = edit.order === 4 && LITTLE_ENDIAN_HOST; // byte swaps written out for little-endian hosts
-  try {
+  const walk = (checked: boolean) =>
     forEachL2(img, offsets, (off, table) => {
       const dd = net.get(off)!;
       edit.add(checkedCluster(off / cs, limit, edit), dd);
       const words = words32(table);
-      if (fast16 && words !== null) {
-        if (applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit) && dd < 0) edit.endedAtOne.add(off);
+      if (!checked && fast16 && words !== null) {
+        const r = applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit);
+        if (r === INVALID) throw RECHECK;
+        if (r === ALL_AT_ONE && dd < 0) edit.endedAtOne.add(off);
       } else applyTableAny(table, off, edit, dd, cb, ew, img.extendedL2, limit);
     });
+  try {
+    try {
+      walk(false);
+    } catch (err) {
+      if (err !== RECHECK) throw err;
+      // The fast loop only knows that some change was invalid: undo, and walk again checking
+      // each change in order, which throws for the first bad one exactly as it should.
+      edit.cancel();
+      walk(true);
+    }
   } catch (err) {
     edit.cancel(); // a table past the end of the file, say: nothing of the batch stays
     throw err;
   }
 }
+
+/** applyTable16's answers, and the signal for walking again with every change checked. */
+const INVALID = -1;
+const ALL_AT_ONE = 1;
+const RECHECK = new Error('recheck');
 
 function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
   if (ci >= limit) edit.outOfRange(ci);
@@ -195,10 +213,14 @@ function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
  * The hot loop of snapshot create/apply/delete for 16-bit refcounts (the default width) on a
  * little-endian host: one L2 table's references applied to the refcount blocks through
  * Uint16Array views with the byte swaps written out (a host-order test inside the loop costs
- * ~40%), integer math while the cluster index fits in 31 bits. True when every data cluster
- * (not compressed) it changed ended at refcount 1.
+ * ~40%), integer math while the cluster index fits in 31 bits. Tables mostly hold runs of
+ * consecutive clusters: a run is recognised on the raw words (same high word, low word one
+ * cluster further) and its refcounts updated in a tight inner loop. Validity is folded into
+ * sign bits and tested once at the end: INVALID asks the caller to undo and redo the walk with
+ * each change checked (only a corrupt or saturated image pays for that). ALL_AT_ONE: every data
+ * cluster (not compressed) it changed ended at refcount 1.
  */
-function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): boolean {
+function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): number {
   const hiShift = 32 - cb;
   const intHi = 2 ** (cb - 1); // hiOff below this: the cluster index is under 2^31, integer math
   const alignMask = (2 ** cb - 1) & L.OFFSET_MASK_LO; // offset bits below the cluster size
@@ -208,23 +230,31 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
   const COMPRESSED = L.OFLAG_COMPRESSED_HI;
   const MASK_HI = L.OFFSET_MASK_HI;
   const ZERO = extL2 ? L.OFLAG_ZERO_LO : 0;
+  const runMask = alignMask | ZERO;
+  // One cluster further, as it shows in the host-order low word: bit (cb % 8) of big-endian
+  // byte 3 - cb/8, which sits at bits 8 * (3 - cb/8) of the host word.
+  const stepShift = 8 * (3 - (cb >>> 3));
+  const stepInc = 1 << (cb & 7);
+  const stepB = stepInc * 2 ** stepShift;
   let lastT = -1;
   let m16: Uint16Array = new Uint16Array(0);
   let top = -1;
-  let allOne = true;
-  // The high word of the last plain data entry, and its part of the cluster index: a run of
-  // entries sharing that word (flags and offset bits 32..55, the usual case) skips its decoding.
+  let bad = 0; // sign bit set once any refcount left its range (or a cluster was at 0)
+  let low = 0; // sign bit set once any refcount reached 0
+  let notOne = 0; // non-zero once any refcount ended other than 1
+  // The high word of the last plain data entry, and its part of the cluster index: entries
+  // sharing that word (flags and offset bits 32..55, the usual case) skip its decoding.
   let runA = -1;
   let runBase = 0;
-  const runMask = alignMask | ZERO;
-  for (let w = 0; w < words.length; w += step) {
+  const n = words.length;
+  for (let w = 0; w < n; w += step) {
     const a = words[w]!;
     const b = words[w + 1]!;
     // Big-endian words as int32s (sign bits are fine: only masked bits are used).
     const lo = ((b & 0xff) << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24);
     let ci: number;
     if (a === runA && (lo & runMask) === 0) {
-      ci = runBase | (lo >>> cb); // same high word as the last plain data entry
+      ci = runBase | (lo >>> cb);
     } else {
       if ((a | b) === 0) continue;
       const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
@@ -238,7 +268,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
       const hiOff = hi & MASK_HI;
       if (hiOff >= intHi) {
         edit.add(checkedCluster(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb, limit, edit), dd); // past 2^31 clusters
-        allOne = false;
+        notOne = 1;
         continue;
       }
       runA = a;
@@ -246,7 +276,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
       ci = runBase | (lo >>> cb);
     }
     if (ci === 0) continue;
-    if (ci >= limit) edit.outOfRange(ci);
+    if (ci >= limit) return INVALID;
     const t = ci >>> shift;
     if (t !== lastT) {
       const m = edit.mem(t, ci);
@@ -254,20 +284,49 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
       lastT = t;
     }
     const i = ci & mask;
-    const r = m16[i]!;
-    const cur = ((r & 0xff) << 8) | (r >>> 8);
-    const v = cur + dd;
-    if (cur === 0 || v < 0 || v > max) edit.fail(ci, cur, dd);
-    m16[i] = ((v & 0xff) << 8) | (v >>> 8);
-    if (v !== 1) {
-      allOne = false;
-      if (v === 0) edit.noteResult(ci, dd, 0);
+    // How far the run may go: no carry out of the byte that counts clusters, inside this block,
+    // below the limit, inside the table.
+    const room = Math.min(((0xff - ((b >>> stepShift) & 0xff)) / stepInc) | 0, mask - i, limit - 1 - ci);
+    let k = 0;
+    let expect = b;
+    let next = w + step;
+    while (k < room && next < n && words[next] === a) {
+      expect += stepB;
+      if (words[next + 1] !== expect) break;
+      k++;
+      next += step;
     }
-    if (ci > top) top = ci;
+    for (let j = i; j <= i + k; j++) {
+      const r = m16[j]!;
+      const cur = ((r & 0xff) << 8) | (r >>> 8);
+      const v = cur + dd;
+      bad |= (cur - 1) | v | (max - v);
+      low |= v - 1;
+      notOne |= v ^ 1;
+      m16[j] = ((v & 0xff) << 8) | (v >>> 8);
+    }
+    if (ci + k > top) top = ci + k;
+    w = next - step;
   }
+  if (bad < 0) return INVALID;
+  if (low < 0) collectZeros(words, edit, cb, step);
   if (dd < 0) edit.noteResult(-1, dd, 1);
   else if (top >= 0) edit.noteResult(top, dd, 1);
-  return allOne;
+  return notOne === 0 ? ALL_AT_ONE : 0;
+}
+
+/** The clusters of a table whose refcount is now 0, reported to `edit` (the rare path of applyTable16). */
+function collectZeros(words: Uint32Array, edit: RefcountEdit, cb: number, step: number): void {
+  for (let w = 0; w < words.length; w += step) {
+    const hi = be32(words[w]!);
+    const lo = be32(words[w + 1]!);
+    if (hi & L.OFLAG_COMPRESSED_HI) continue;
+    const hostOff = entryOffset(hi, lo);
+    if (hostOff === 0) continue;
+    const ci = hostOff / 2 ** cb;
+    const t = Math.floor(ci / edit.perBlock);
+    if (getRefcount(edit.mem(t, ci), ci - t * edit.perBlock, 4) === 0) edit.noteResult(ci, -1, 0);
+  }
 }
 
 /** The same for any refcount width or an unaligned table buffer (through edit.add). */
