@@ -286,17 +286,11 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
     const i = ci & mask;
     // How far the run may go: no carry out of the byte that counts clusters, inside this block,
     // below the limit, inside the table.
-    const room = Math.min(((0xff - ((b >>> stepShift) & 0xff)) / stepInc) | 0, mask - i, limit - 1 - ci);
-    let k = 0;
+    const last = i + Math.min(((0xff - ((b >>> stepShift) & 0xff)) / stepInc) | 0, mask - i, limit - 1 - ci);
+    let j = i;
     let expect = b;
     let next = w + step;
-    while (k < room && next < n && words[next] === a) {
-      expect += stepB;
-      if (words[next + 1] !== expect) break;
-      k++;
-      next += step;
-    }
-    for (let j = i; j <= i + k; j++) {
+    for (;;) {
       const r = m16[j]!;
       const cur = ((r & 0xff) << 8) | (r >>> 8);
       const v = cur + dd;
@@ -304,8 +298,12 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
       low |= v - 1;
       notOne |= v ^ 1;
       m16[j] = ((v & 0xff) << 8) | (v >>> 8);
+      expect += stepB;
+      if (j === last || next >= n || words[next] !== a || words[next + 1] !== expect) break;
+      j++;
+      next += step;
     }
-    if (ci + k > top) top = ci + k;
+    if (ci + j - i > top) top = ci + j - i;
     w = next - step;
   }
   if (bad < 0) return INVALID;
