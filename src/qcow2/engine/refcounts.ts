@@ -29,6 +29,9 @@ interface Block {
   increased: boolean;
 }
 
+/** Bytes of back-to-back refcount blocks loaded by one read. */
+const MAX_BLOCK_READ_BYTES = 4 * 1024 * 1024;
+
 /** Clean refcount blocks kept after a commit (64 KiB clusters: 64 MiB of cache). */
 const MAX_CACHED_BLOCKS = 1024;
 
@@ -112,15 +115,29 @@ export class Refcounts {
   }
 
   private block(t: number): Block | null {
-    let b = this.blocks.get(t);
+    const b = this.blocks.get(t);
     if (b) return b;
     const off = this.blockOffset(t);
     if (off === 0) return null;
-    const disk = new Uint8Array(this.clusterSize);
+    // Blocks usually lie back to back (one per range, in order): load the following ones that
+    // do in the same read, as a whole-image walk will want them next.
+    const cs = this.clusterSize;
+    let n = 1;
+    while ((n + 1) * cs <= MAX_BLOCK_READ_BYTES && t + n < this.tableEntries && !this.blocks.has(t + n) && this.rawBlockOffset(t + n) === off + n * cs) n++;
+    const disk = new Uint8Array(n * cs);
     readAt(this.file, disk, off);
-    b = { offset: off, disk, mem: disk.slice(), dirty: false, fresh: false, decreased: false, increased: false };
-    this.blocks.set(t, b);
-    return b;
+    const mem = disk.slice();
+    for (let k = 0; k < n; k++) {
+      const part = (a: Uint8Array) => a.subarray(k * cs, (k + 1) * cs);
+      this.blocks.set(t + k, { offset: off + k * cs, disk: part(disk), mem: part(mem), dirty: false, fresh: false, decreased: false, increased: false });
+    }
+    return this.blocks.get(t)!;
+  }
+
+  /** A reftable entry's block offset without the alignment check (0 when unaligned or absent). */
+  private rawBlockOffset(t: number): number {
+    const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+    return off % this.clusterSize === 0 ? off : 0;
   }
 
   get(ci: number): number {

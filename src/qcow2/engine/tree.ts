@@ -2,7 +2,7 @@
 // and the per-cluster reference deltas a snapshot operation needs.
 
 import { QimgError, hex } from '../errors.js';
-import { LITTLE_ENDIAN_HOST, be32, u32, words32 } from '../format/bytes.js';
+import { LITTLE_ENDIAN_HOST, be32, ints32, u32, words32 } from '../format/bytes.js';
 import { getRefcount } from '../format/refblock.js';
 import { compressedByteLength, compressedOffset, corruptEntry, entryOffset, l2EntryProblem } from '../format/entries.js';
 import * as L from '../format/layout.js';
@@ -176,7 +176,7 @@ export function applyTreeRefs(img: Qcow2Image, trees: Array<[l1: Uint8Array, d: 
     forEachL2(img, offsets, (off, table) => {
       const dd = net.get(off)!;
       edit.add(checkedCluster(off / cs, limit, edit), dd);
-      const words = words32(table);
+      const words = ints32(table);
       if (!checked && fast16 && words !== null) {
         const r = applyTable16(words, off, edit, dd, cb, ew >>> 2, img.extendedL2, limit);
         if (r === INVALID) throw RECHECK;
@@ -220,7 +220,7 @@ function checkedCluster(ci: number, limit: number, edit: RefcountEdit): number {
  * each change checked (only a corrupt or saturated image pays for that). ALL_AT_ONE: every data
  * cluster (not compressed) it changed ended at refcount 1.
  */
-function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): number {
+function applyTable16(words: Int32Array, off: number, edit: RefcountEdit, dd: number, cb: number, step: number, extL2: boolean, limit: number): number {
   const hiShift = 32 - cb;
   const intHi = 2 ** (cb - 1); // hiOff below this: the cluster index is under 2^31, integer math
   const alignMask = (2 ** cb - 1) & L.OFFSET_MASK_LO; // offset bits below the cluster size
@@ -243,8 +243,9 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
   let low = 0; // sign bit set once any refcount reached 0
   let notOne = 0; // non-zero once any refcount ended other than 1
   // The high word of the last plain data entry, and its part of the cluster index: entries
-  // sharing that word (flags and offset bits 32..55, the usual case) skip its decoding.
-  let runA = -1;
+  // sharing that word (flags and offset bits 32..55, the usual case) skip its decoding. It
+  // starts as 0, which decodes the same way (no flags, offset below 4 GiB).
+  let runA = 0;
   let runBase = 0;
   const n = words.length;
   for (let w = 0; w < n; w += step) {
@@ -298,7 +299,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
       low |= v - 1;
       notOne |= v ^ 1;
       m16[j] = ((v & 0xff) << 8) | (v >>> 8);
-      expect += stepB;
+      expect = (expect + stepB) | 0; // words are int32s; the counting byte never carries (see last)
       if (j === last || next >= n || words[next] !== a || words[next + 1] !== expect) break;
       j++;
       next += step;
@@ -314,7 +315,7 @@ function applyTable16(words: Uint32Array, off: number, edit: RefcountEdit, dd: n
 }
 
 /** The clusters of a table whose refcount is now 0, reported to `edit` (the rare path of applyTable16). */
-function collectZeros(words: Uint32Array, edit: RefcountEdit, cb: number, step: number): void {
+function collectZeros(words: Int32Array, edit: RefcountEdit, cb: number, step: number): void {
   for (let w = 0; w < words.length; w += step) {
     const hi = be32(words[w]!);
     const lo = be32(words[w + 1]!);

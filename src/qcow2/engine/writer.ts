@@ -3,7 +3,7 @@
 
 import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
-import { LITTLE_ENDIAN_HOST, setU32, setU64, u32, words32 } from '../format/bytes.js';
+import { LITTLE_ENDIAN_HOST, ints32, setU32, setU64, u32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
 import { buildExtensions, encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
@@ -891,7 +891,7 @@ export class ImageWriter {
  * true when anything changed.
  */
 function copiedFixes(table: Uint8Array, refs: Refcounts, cb: number, ew: number): boolean {
-  const words = words32(table);
+  const words = ints32(table);
   if (words !== null && LITTLE_ENDIAN_HOST && refs.refcountOrder === 4) return copiedFixes16(words, refs, cb, ew >>> 2);
   const cs = 2 ** cb;
   let changed = false;
@@ -911,7 +911,7 @@ function copiedFixes(table: Uint8Array, refs: Refcounts, cb: number, ew: number)
 
 /** OFLAG_COPIED on every allocated, uncompressed entry (all their refcounts are known to be 1). */
 function setAllCopied(table: Uint8Array, ew: number): boolean {
-  const words = words32(table);
+  const words = ints32(table);
   let changed = false;
   if (words !== null && LITTLE_ENDIAN_HOST) {
     // Host-order words of big-endian entries: the flag byte is the low byte of the first word,
@@ -920,7 +920,7 @@ function setAllCopied(table: Uint8Array, ew: number): boolean {
     for (let w = 0; w < words.length; w += step) {
       const a = words[w]!;
       if ((a & 0xc0) !== 0) continue; // flag set already, or compressed
-      if (((a & 0xffffff00) | (words[w + 1]! & 0x00feffff)) === 0) continue; // unallocated
+      if (((a & ~0xff) | (words[w + 1]! & 0x00feffff)) === 0) continue; // unallocated
       words[w] = a | 0x80;
       changed = true;
     }
@@ -945,7 +945,7 @@ function setAllCopied(table: Uint8Array, ew: number): boolean {
  * blocks read through Uint16Array views. OFLAG_COPIED is bit 7 of a table word's first byte,
  * which is the low byte of the host-order word.
  */
-function copiedFixes16(words: Uint32Array, refs: Refcounts, cb: number, step: number): boolean {
+function copiedFixes16(words: Int32Array, refs: Refcounts, cb: number, step: number): boolean {
   const hiShift = 32 - cb;
   const intHi = 2 ** (cb - 1);
   const per = refs.perBlock;

@@ -87,6 +87,14 @@ export function words32(buf: Uint8Array): Uint32Array | null {
   return buf.byteOffset % 4 === 0 && buf.length % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : null;
 }
 
+/**
+ * The same words as int32s. Hot loops that only mask, compare and store words prefer these: a
+ * uint32 at or above 2^31 is not a small integer to V8 and takes slower paths.
+ */
+export function ints32(buf: Uint8Array): Int32Array | null {
+  return buf.byteOffset % 4 === 0 && buf.length % 4 === 0 ? new Int32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : null;
+}
+
 /** A big-endian word read through words32(), as a uint32. */
 export const be32: (w: number) => number = LITTLE_ENDIAN_HOST
   ? (w) => (((w & 0xff) << 24) | ((w & 0xff00) << 8) | ((w >>> 8) & 0xff00) | (w >>> 24)) >>> 0
