@@ -741,7 +741,9 @@ export class ImageWriter {
   clearCopied(): void {
     this.guard();
     const img = this.img;
-    if (img.dirtyL2.size || this.oldL1 || this.l1Replaced) this.commit(); // tables must be the ones on disk
+    // The tables and the L1 written below must be the ones on disk plus flags: commit other
+    // pending table changes first (refcount changes alone may stay pending: see above).
+    if (img.dirtyL2.size || this.dirtyL1.size || this.oldL1 || this.l1Replaced) this.commit();
     const ew = this.entryWidth();
     const tables: number[] = [];
     let l1Changed = false;
