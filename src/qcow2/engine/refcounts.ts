@@ -699,7 +699,7 @@ export class RefcountEdit {
    */
   readonly endedAtOne = new Set<number>();
   /** Highest cluster whose refcount went up (the file end may move past it). */
-  lastUp = -1;
+  private lastUp = -1;
   private decreased = false;
   private increased = false;
   private lastT = -1;
