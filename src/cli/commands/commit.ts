@@ -3,7 +3,7 @@
 import { commit } from '../../qcow2/engine/commit.js';
 import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, last, oneFile, parseArgs } from '../args.js';
 import { writeStdout } from '../output.js';
-import { progressBar } from '../progress.js';
+import { percentReporter } from '../progress.js';
 
 export async function run(argv: string[]): Promise<number> {
   const p = parseArgs('commit', argv, [
@@ -16,19 +16,12 @@ export async function run(argv: string[]): Promise<number> {
   const file = oneFile('commit', p);
   const quiet = flag(p, 'quiet');
   const showProgress = flag(p, 'progress') && !quiet;
-  let lastPct = -1;
   await commit(file, {
     format: imageFormat(p),
     base: last(p, 'base'),
     drop: flag(p, 'drop'),
     backing: backingPolicy(p),
-    progress: showProgress
-      ? (done, total) => {
-          const pct = Math.floor((done / total) * 100);
-          if (pct !== lastPct) writeStdout(progressBar(done, total));
-          lastPct = pct;
-        }
-      : undefined,
+    progress: percentReporter(showProgress),
   });
   if (showProgress) writeStdout('\n');
   if (!quiet) writeStdout('Image committed.\n');

@@ -4,7 +4,7 @@ import { rebase } from '../../qcow2/engine/rebase.js';
 import { QimgError } from '../../qcow2/errors.js';
 import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, last, oneFile, parseArgs } from '../args.js';
 import { writeStdout } from '../output.js';
-import { progressBar } from '../progress.js';
+import { percentReporter } from '../progress.js';
 
 export async function run(argv: string[]): Promise<number> {
   const p = parseArgs('rebase', argv, [
@@ -23,20 +23,13 @@ export async function run(argv: string[]): Promise<number> {
   }
   const quiet = flag(p, 'quiet');
   const showProgress = flag(p, 'progress') && !quiet;
-  let lastPct = -1;
   await rebase(file, {
     format: imageFormat(p),
     backingFile: name ?? '',
     backingFormat: last(p, 'backing-format'),
     unsafe,
     backing: backingPolicy(p),
-    progress: showProgress
-      ? (done, total) => {
-          const pct = Math.floor((done / total) * 100);
-          if (pct !== lastPct) writeStdout(progressBar(done, total));
-          lastPct = pct;
-        }
-      : undefined,
+    progress: percentReporter(showProgress),
   });
   if (showProgress) writeStdout('\n');
   return 0;
