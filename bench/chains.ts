@@ -68,6 +68,11 @@ interface Timed {
   cpu: number;
 }
 
+/** [bin, ...args] -> the bin run as an executable, through its shebang, as an installed qimg runs. */
+function binCommand(argv: string[]): [string, string[]] {
+  return [argv[0]!, argv.slice(1)];
+}
+
 function timed(cmd: string, args: string[]): Timed {
   const t0 = process.hrtime.bigint();
   const r = spawnSync('/usr/bin/time', ['-f', '%M %U %S', cmd, ...args], { encoding: 'utf8' });
@@ -126,9 +131,9 @@ export function chainsMain(args: string[]): void {
       let m: Timed | null = null;
       let q: Timed | null = null;
       let o: Timed | null = null;
-      jobs.push(() => (m = timed(process.execPath, c.qimg(a))));
+      jobs.push(() => (m = timed(...binCommand(c.qimg(a)))));
       jobs.push(() => (q = timed('qemu-img', c.qemu(b))));
-      if (v) jobs.push(() => (o = timed(process.execPath, c.qimg(v, VS!))));
+      if (v) jobs.push(() => (o = timed(...binCommand(c.qimg(v, VS!)))));
       for (let k = 0; k < jobs.length; k++) jobs[(k + r) % jobs.length]!();
       for (const f of c.check) {
         const cmp = spawnSync('qemu-img', ['compare', join(a, f), join(b, f)], { encoding: 'utf8' });

@@ -258,7 +258,7 @@ export function runConvertBench(opts: BigBenchOptions, log: (s: string) => void)
     const src = c.src === 'raw' ? srcs.raw : srcs.qcow2;
     for (const tool of ['qimg', 'qemu-img'] as const) {
       const out = join(work, `${c.key}-${tool}.${c.out}`);
-      cmds.push({ c, tool, out, file: tool === 'qimg' ? process.execPath : 'qemu-img', args: tool === 'qimg' ? [qimgBin, ...argsFor(c, src, out)] : argsFor(c, src, out) });
+      cmds.push({ c, tool, out, file: tool === 'qimg' ? qimgBin : 'qemu-img', args: argsFor(c, src, out) });
     }
   }
   log(`convert: ${opts.runs} paired rounds of ${cmds.length} commands; ${machineNote()}\n  source: ${srcs.summary}\n  timing ${qimgBin}\n`);
@@ -275,7 +275,7 @@ export function runConvertBench(opts: BigBenchOptions, log: (s: string) => void)
       const cmd = cmds[i]!;
       rmSync(cmd.out, { force: true });
       const r = timedRun(cmd.file, cmd.args, { gnuTime, scratch: work });
-      const shown = `${cmd.tool === 'qimg' ? `node ${qimgBin}` : 'qemu-img'} ${cmd.args.slice(cmd.tool === 'qimg' ? 1 : 0).join(' ')}`;
+      const shown = `${cmd.tool === 'qimg' ? qimgBin : 'qemu-img'} ${cmd.args.join(' ')}`;
       let problems: string[] = [];
       if (r.status !== 0) problems.push(`exit ${r.status}: ${r.stderr.trim().split('\n').slice(0, 3).join(' / ')}`);
       else if (cmd.tool === 'qimg') problems = verify(cmd.c, cmd.c.src === 'raw' ? srcs.raw : srcs.qcow2, cmd.out);

@@ -156,9 +156,9 @@ export function runSnapshotBench(opts: BigBenchOptions, log: (s: string) => void
       mustRun('cp', ['--sparse=always', inputs[cmd.op.input], cmd.img], 'cp of the input image');
       syncFile(cmd.img);
       const args = cmd.op.args(cmd.img);
-      const [file, argv] = cmd.tool === 'qimg' ? [process.execPath, [qimgBin, ...args]] : ['qemu-img', args];
+      const [file, argv] = cmd.tool === 'qimg' ? [qimgBin, args] : ['qemu-img', args];
       const r = timedRun(file, argv, { gnuTime, scratch: work });
-      const shown = `cp --sparse=always ${inputs[cmd.op.input]} ${cmd.img} && ${cmd.tool === 'qimg' ? `node ${qimgBin}` : 'qemu-img'} ${args.join(' ')}`;
+      const shown = `cp --sparse=always ${inputs[cmd.op.input]} ${cmd.img} && ${cmd.tool === 'qimg' ? qimgBin : 'qemu-img'} ${args.join(' ')}`;
       let problems: string[] = [];
       if (r.status !== 0) problems.push(`exit ${r.status}: ${r.stderr.trim().split('\n').slice(0, 3).join(' / ')}`);
       else if (cmd.tool === 'qimg') problems = verify(cmd.img, cmd.op.expect);

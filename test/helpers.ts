@@ -52,9 +52,9 @@ export function qemuIo(args: string[], env: Record<string, string> = {}): RunRes
   return runQemu('qemu-io', args, env);
 }
 
-/** Runs the qimg CLI as a user would. */
+/** Runs the qimg CLI as a user would: the bin as an executable, through its shebang. */
 export function qimg(args: string[], env: Record<string, string> = {}, cwd?: string): RunResult {
-  return run(process.execPath, [QIMG_BIN, ...args], env, cwd);
+  return run(QIMG_BIN, args, env, cwd);
 }
 
 /** qemu-img, failing the test with its stderr when it fails. */
