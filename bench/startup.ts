@@ -30,8 +30,8 @@ interface Command {
   name: string;
   file: string;
   args: string[];
-  /** 'qimg' commands are the ones the aim is about; the others are the yardsticks. */
-  role: 'baseline' | 'qimg' | 'qemu';
+  /** 'qimg' commands are the ones the aim is about; 'baseline' is the yardstick; 'info' and 'qemu' are shown for scale. */
+  role: 'baseline' | 'info' | 'qimg' | 'qemu';
   /** For qimg commands: the qemu-img command doing the same work, by name. */
   qemuPeer?: string;
 }
@@ -80,13 +80,21 @@ export function repoRoot(): string {
   throw new Error('cannot find the qimg repository root (bin/qimg.js) above ' + fileURLToPath(import.meta.url));
 }
 
+/**
+ * qimg runs as an installed qimg does: bin/qimg.js executed through its shebang, which drops
+ * NODE_EXTRA_CA_CERTS (see the bin). Two yardsticks: `node -e ""` in this environment (which may
+ * set that variable and pay for it), and the strict one the aim is judged against, `node -e ""`
+ * without it: Node's own start-up and nothing else.
+ */
 function commands(haveQemu: boolean): Command[] {
   const node = process.execPath;
+  const bin = 'bin/qimg.js';
   const list: Command[] = [
     { name: 'node -e ""', file: node, args: ['-e', ''], role: 'baseline' },
-    { name: 'qimg snapshot -l', file: node, args: ['bin/qimg.js', 'snapshot', '-l', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img snapshot -l' },
-    { name: 'qimg info', file: node, args: ['bin/qimg.js', 'info', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img info' },
-    { name: 'qimg info --output=json', file: node, args: ['bin/qimg.js', 'info', '--output=json', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img info' },
+    { name: 'node -e "" (env as is)', file: node, args: ['-e', ''], role: 'info' },
+    { name: 'qimg snapshot -l', file: bin, args: ['snapshot', '-l', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img snapshot -l' },
+    { name: 'qimg info', file: bin, args: ['info', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img info' },
+    { name: 'qimg info --output=json', file: bin, args: ['info', '--output=json', FIXTURE], role: 'qimg', qemuPeer: 'qemu-img info' },
   ];
   if (haveQemu) {
     list.push(
@@ -95,6 +103,14 @@ function commands(haveQemu: boolean): Command[] {
     );
   }
   return list;
+}
+
+/** The environment a command runs in: the strict yardstick runs without NODE_EXTRA_CA_CERTS. */
+function envFor(cmd: Command): NodeJS.ProcessEnv {
+  if (cmd.role !== 'baseline') return process.env;
+  const env = { ...process.env };
+  delete env.NODE_EXTRA_CA_CERTS;
+  return env;
 }
 
 function hasQemuImg(): boolean {
@@ -111,7 +127,7 @@ function hasGnuTime(): boolean {
 /** One run's wall time in milliseconds; throws if the command fails, so a broken build is not timed. */
 function timeOnce(cmd: Command, cwd: string): number {
   const t0 = process.hrtime.bigint();
-  const r = spawnSync(cmd.file, cmd.args, { cwd, stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 1 << 24 });
+  const r = spawnSync(cmd.file, cmd.args, { cwd, env: envFor(cmd), stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 1 << 24 });
   const t1 = process.hrtime.bigint();
   if (r.error) throw r.error;
   if (r.status !== 0) {
@@ -125,7 +141,7 @@ function peakRss(cmd: Command, cwd: string, scratch: string): number | null {
   const out = join(scratch, 'rss');
   const samples: number[] = [];
   for (let i = 0; i < RSS_RUNS; i++) {
-    const r = spawnSync(GNU_TIME, ['-f', '%M', '-o', out, cmd.file, ...cmd.args], { cwd, stdio: 'ignore' });
+    const r = spawnSync(GNU_TIME, ['-f', '%M', '-o', out, cmd.file, ...cmd.args], { cwd, env: envFor(cmd), stdio: 'ignore' });
     if (r.status !== 0) return null;
     const kib = Number.parseInt(readFileSync(out, 'utf8').trim().split('\n').pop() ?? '', 10);
     if (Number.isFinite(kib)) samples.push(kib);

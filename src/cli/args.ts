@@ -41,16 +41,16 @@ export function parseArgs(command: string, argv: string[], specs: OptionSpec[]):
       const eq = a.indexOf('=');
       const name = a.slice(2, eq < 0 ? undefined : eq);
       const spec = specs.find((s) => s.long?.includes(name));
-      if (!spec) throw usage(command, `unrecognized option '--${name}'`);
+      if (!spec) throw usage(command, `unrecognized option '${a}'`);
       if (spec.value) {
         let v: string | undefined = eq < 0 ? undefined : a.slice(eq + 1);
         if (v === undefined) {
-          if (i + 1 >= argv.length) throw usage(command, `option '--${name}' requires an argument`);
+          if (i + 1 >= argv.length) throw usage(command, `missing argument for option '${a}'`);
           v = argv[++i]!;
         }
         put(spec, v);
       } else {
-        if (eq >= 0) throw usage(command, `option '--${name}' doesn't allow an argument`);
+        if (eq >= 0) throw usage(command, `unrecognized option '${a}'`);
         put(spec, '');
       }
       continue;
@@ -60,11 +60,11 @@ export function parseArgs(command: string, argv: string[], specs: OptionSpec[]):
       for (let j = 1; j < a.length; j++) {
         const c = a[j]!;
         const spec = specs.find((s) => s.short === c);
-        if (!spec) throw usage(command, `invalid option -- '${c}'`);
+        if (!spec) throw usage(command, `unrecognized option '${a}'`);
         if (spec.value) {
           let v = a.slice(j + 1);
           if (v === '') {
-            if (i + 1 >= argv.length) throw usage(command, `option requires an argument -- '${c}'`);
+            if (i + 1 >= argv.length) throw usage(command, `missing argument for option '${a}'`);
             v = argv[++i]!;
           }
           put(spec, v);
@@ -104,10 +104,11 @@ export function outputFormat(command: string, p: Parsed): 'human' | 'json' {
   return v;
 }
 
-export function imageFormat(p: Parsed): 'qcow2' | 'raw' | undefined {
-  const f = last(p, 'format');
+/** -f FMT (or `key`), refused as qemu-img refuses it when opening `file`: naming the file. */
+export function imageFormat(p: Parsed, file: string, key = 'format'): 'qcow2' | 'raw' | undefined {
+  const f = last(p, key);
   if (f === undefined) return undefined;
-  if (f !== 'qcow2' && f !== 'raw') throw new QimgError('UNSUPPORTED', `Unknown driver '${f}'`);
+  if (f !== 'qcow2' && f !== 'raw') throw new QimgError('UNSUPPORTED', `Could not open '${file}': Unknown driver '${f}'`, { path: file });
   return f;
 }
 

@@ -19,7 +19,7 @@ export async function run(argv: string[]): Promise<number> {
     const file = oneFile('chain', p);
     const to = last(p, 'to');
     if (to === undefined) throw usage('chain', 'revert needs --to LAYER');
-    const r = await revertChain(file, { to, delete: flag(p, 'delete'), format: imageFormat(p), backing: backingPolicy(p) });
+    const r = await revertChain(file, { to, delete: flag(p, 'delete'), format: imageFormat(p, file), backing: backingPolicy(p) });
     if (!flag(p, 'quiet')) {
       let msg = `Reverted '${file}' to '${r.layer}': a new empty overlay.\n`;
       if (r.keptAs) msg += `The previous image is kept as '${r.keptAs}'.\n`;
@@ -30,7 +30,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   const file = oneFile('chain', p);
   const output = outputFormat('chain', p);
-  const layers = await describeChain(file, { format: imageFormat(p), forceShare: flag(p, 'force-share'), backing: backingPolicy(p) });
+  const layers = await describeChain(file, { format: imageFormat(p, file), forceShare: flag(p, 'force-share'), backing: backingPolicy(p) });
   writeStdout(output === 'json' ? renderChainJson(layers) : renderChainHuman(layers));
   return 0;
 }

@@ -25,11 +25,11 @@ export async function run(argv: string[]): Promise<number> {
   if (p.positionals.length === 0) throw usage('check', 'Expecting one image file name');
   const output = outputFormat('check', p);
   const r = last(p, 'repair');
-  if (r !== undefined && r !== 'leaks' && r !== 'all') throw new QimgError('USAGE', `Unknown option for -r: ${r}`);
+  if (r !== undefined && r !== 'leaks' && r !== 'all') throw usage('check', `Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`);
   const quiet = flag(p, 'quiet');
   const chunk = last(p, 'chunk-size');
   const opts: CheckOptions = {
-    format: imageFormat(p),
+    format: imageFormat(p, p.positionals[0]!),
     repair: r as 'leaks' | 'all' | undefined,
     forceShare: flag(p, 'force-share'),
     chunkBytes: chunk ? Number(chunk) : undefined,

@@ -17,7 +17,7 @@ export async function run(argv: string[]): Promise<number> {
   const quiet = flag(p, 'quiet');
   const showProgress = flag(p, 'progress') && !quiet;
   await commit(file, {
-    format: imageFormat(p),
+    format: imageFormat(p, file),
     base: last(p, 'base'),
     drop: flag(p, 'drop'),
     backing: backingPolicy(p),

@@ -1,11 +1,10 @@
 // `qimg compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B` — exit 0 identical, 1 different, 2 error.
 
 import { compare } from '../../qcow2/engine/compare.js';
-import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, last, parseArgs, usage } from '../args.js';
+import { backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, parseArgs, usage } from '../args.js';
 import { reportError } from '../main.js';
 import { writeStdout } from '../output.js';
 import { progressBar } from '../progress.js';
-import { QimgError } from '../../qcow2/errors.js';
 
 export async function run(argv: string[]): Promise<number> {
   const p = parseArgs('compare', argv, [
@@ -20,12 +19,11 @@ export async function run(argv: string[]): Promise<number> {
   const quiet = flag(p, 'quiet');
   const showProgress = flag(p, 'progress') && !quiet;
   try {
-    const f2 = last(p, 'format2');
-    if (f2 !== undefined && f2 !== 'qcow2' && f2 !== 'raw') throw new QimgError('UNSUPPORTED', `Unknown driver '${f2}'`);
+    const f2 = imageFormat(p, b, 'format2');
     if (showProgress) writeStdout(progressBar(0, 1));
     const r = await compare(a, b, {
-      format1: imageFormat(p),
-      format2: f2 as 'qcow2' | 'raw' | undefined,
+      format1: imageFormat(p, a),
+      format2: f2,
       strict: flag(p, 'strict'),
       forceShare: flag(p, 'force-share'),
       backing: backingPolicy(p),

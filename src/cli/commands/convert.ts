@@ -18,7 +18,9 @@ export async function run(argv: string[]): Promise<number> {
     { key: 'target-backing', short: 'B', value: true },
     { key: 'target-backing-format', short: 'F', value: true },
   ]);
-  if (p.positionals.length !== 2) throw usage('convert', 'Expecting a source and a destination file name');
+  if (p.positionals.length < 2) throw usage('convert', 'Must specify image file name');
+  // qemu-img concatenates several sources into the last name; qimg converts exactly one.
+  if (p.positionals.length > 2) throw usage('convert', 'Expecting a source and a destination file name');
   const [src, dst] = p.positionals as [string, string];
   const out = last(p, 'output-format') ?? 'raw';
   if (out !== 'raw' && out !== 'qcow2') throw new QimgError('UNSUPPORTED', `Unknown file format '${out}'`);
@@ -33,7 +35,7 @@ export async function run(argv: string[]): Promise<number> {
   const tb = last(p, 'target-backing');
   const showProgress = flag(p, 'progress') && !flag(p, 'quiet') && process.stdout.isTTY === true;
   await convert(src, dst, {
-    format: imageFormat(p),
+    format: imageFormat(p, src),
     outputFormat: out,
     createOptions,
     compress: flag(p, 'compress'),

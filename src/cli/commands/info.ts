@@ -14,7 +14,7 @@ export async function run(argv: string[]): Promise<number> {
   const file = oneFile('info', p);
   const output = outputFormat('info', p);
   const chain = flag(p, 'backing-chain');
-  const infos = await info(file, { format: imageFormat(p), forceShare: flag(p, 'force-share'), backingChain: chain, backing: backingPolicy(p) });
+  const infos = await info(file, { format: imageFormat(p, file), forceShare: flag(p, 'force-share'), backingChain: chain, backing: backingPolicy(p) });
   const text = chain
     ? output === 'json' ? renderInfoChainJson(infos) : renderInfoChainHuman(infos)
     : output === 'json' ? renderInfoJson(infos[0]!) : renderInfoHuman(infos[0]!);

@@ -9,7 +9,7 @@ export async function run(argv: string[]): Promise<number> {
   const p = parseArgs('map', argv, [...COMMON_READ_OPTIONS, { key: 'output', long: ['output'], value: true }]);
   const file = oneFile('map', p);
   const output = outputFormat('map', p);
-  const entries = await mapFile(file, { format: imageFormat(p), forceShare: flag(p, 'force-share'), backing: backingPolicy(p) });
+  const entries = await mapFile(file, { format: imageFormat(p, file), forceShare: flag(p, 'force-share'), backing: backingPolicy(p) });
   if (output === 'json') {
     writeStdout(renderMapJson(entries));
     return 0;

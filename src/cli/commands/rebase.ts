@@ -24,7 +24,7 @@ export async function run(argv: string[]): Promise<number> {
   const quiet = flag(p, 'quiet');
   const showProgress = flag(p, 'progress') && !quiet;
   await rebase(file, {
-    format: imageFormat(p),
+    format: imageFormat(p, file),
     backingFile: name ?? '',
     backingFormat: last(p, 'backing-format'),
     unsafe,

@@ -16,12 +16,13 @@ export async function run(argv: string[]): Promise<number> {
   ]);
   const minus = p.opts.get('size-minus')?.[0];
   const pos = minus !== undefined ? [...p.positionals, `-${minus}`] : p.positionals;
-  if (pos.length !== 2) throw usage('resize', 'Expecting image file name and size');
+  if (pos.length < 2) throw usage('resize', 'Not enough arguments');
+  if (pos.length > 2) throw usage('resize', 'Expecting image file name and size');
   const [file, sizeText] = pos as [string, string];
   const sign = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
   const n = parseSizeOption('size', sign === 0 ? sizeText : sizeText.slice(1));
   if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new QimgError('UNSUPPORTED', `Image size ${n} is too large for qimg`);
-  await resize(file, Number(n), sign as 0 | 1 | -1, { format: imageFormat(p), shrink: flag(p, 'shrink'), onRepair: (m) => writeStderr(m.map((x) => x + '\n').join('')) });
+  await resize(file, Number(n), sign as 0 | 1 | -1, { format: imageFormat(p, file), shrink: flag(p, 'shrink'), onRepair: (m) => writeStderr(m.map((x) => x + '\n').join('')) });
   if (!flag(p, 'quiet')) writeStdout('Image resized.\n');
   return 0;
 }

@@ -29,7 +29,7 @@ export async function run(argv: string[]): Promise<number> {
   if (action === 'list') {
     const output = outputFormat('snapshot', p);
     const withSize = flag(p, 'size');
-    const { snaps, freed } = await listSnapshots(file, { format: imageFormat(p), forceShare: flag(p, 'force-share'), freedBytes: withSize || output === 'json' });
+    const { snaps, freed } = await listSnapshots(file, { format: imageFormat(p, file), forceShare: flag(p, 'force-share'), freedBytes: withSize || output === 'json' });
     writeStdout(output === 'json' ? renderSnapshotsJson(snaps, freed ?? undefined) : renderSnapshotTable(snaps, withSize && freed ? { freed } : {}));
     return 0;
   }
