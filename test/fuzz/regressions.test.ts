@@ -79,7 +79,61 @@ test('an active L2 table cut by truncation: snapshot -d refuses before removing 
   const l2 = entryOff(b, u64(b, 40) + 3 * 8); // 100k / 32k = L1 entry 3, allocated last
   assert.ok(l2 > 0);
   truncateSync(path, l2 + 256);
-  refusedUnchanged(path, ['snapshot', '-d', 'a'], /L2 table at 0x[0-9a-f]+ lies past the end of the file/);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], /active L1 table: entry 3 points to L2 table offset 0x[0-9a-f]+ past the end of the file/);
+});
+
+// fuzz seed 120083328 (long run, 2026-11-26): writes that followed damaged pointers onto other
+// metadata. Each is now refused before the first write.
+
+test('an active L1 entry with flags but no L2 offset: snapshot -c refuses (QEMU asserts; the copy doubled the damage)', () => {
+  // case 4: l1[0] = 0x8000000000000000. QEMU's check takes cluster 0 for that entry's L2 table.
+  const path = image('l1flags.qcow2', 'cluster_size=4096', '1M', ['write -P 0x21 0 8k'], 'r');
+  const b = new Uint8Array(readFileSync(path));
+  putU64(b, u64(b, 40), 0x8000000000000000n);
+  writeFileSync(path, b);
+  refusedUnchanged(path, ['snapshot', '-c', 'x'], /active L1 table: entry 0 has flags set \(0x8000000000000000\) but no L2 table offset/);
+});
+
+test('an active L1 entry naming the refcount table: snapshot -d refuses (it rewrote the refcount table as an L2 table)', () => {
+  // case 316: l1[0] = the refcount table's offset; the OFLAG_COPIED pass set bit 63 of its first entry.
+  const path = image('l1rt.qcow2', 'compat=0.10,cluster_size=4096', '1M', ['write -P 0x31 0 8k'], 'v');
+  const b = new Uint8Array(readFileSync(path));
+  const rt = u64(b, 48);
+  putU64(b, u64(b, 40), BigInt(rt));
+  writeFileSync(path, b);
+  refusedUnchanged(path, ['snapshot', '-d', 'v'], new RegExp(`active L1 table: entry 0 points to 0x${rt.toString(16)}, which holds the refcount table`));
+});
+
+test('a refcount table past the end of the file: resize refuses (its first new refcount block landed on the header)', () => {
+  // case 911: refcount_table_offset moved past EOF, so every refcount read as 0.
+  const path = image('rtpast.qcow2', 'cluster_size=512', '256k', ['write -P 0x41 0 4k'], 'a');
+  const b = new Uint8Array(readFileSync(path));
+  putU64(b, 48, BigInt(Math.ceil(b.length / 512) * 512 + 4096));
+  writeFileSync(path, b);
+  const before = readFileSync(path);
+  const r = qimg(['resize', '-f', 'qcow2', path, '+1M']);
+  assert.is(r.status, 1, r.stderr);
+  assert.match(r.stderr, /the refcount table at 0x[0-9a-f]+ lies past the end of the file/);
+  assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.ok(Buffer.compare(before, readFileSync(path)) === 0, 'resize changed the file');
+});
+
+test('a snapshot L1 table reaching past the end of the file: snapshot -c refuses (new tables landed inside it)', () => {
+  // cases 33, 149: a snapshot entry's l1_size = 0x10000.
+  const path = image('snl1big.qcow2', 'cluster_size=4096', '1M', ['write -P 0x51 0 8k'], 's1');
+  const b = new Uint8Array(readFileSync(path));
+  putU32(b, u64(b, 64) + 8, 0x10000);
+  writeFileSync(path, b);
+  refusedUnchanged(path, ['snapshot', '-c', 'x'], /snapshot 1: its L1 table at 0x[0-9a-f]+ \(65536 entries\) reaches past the end of the file/);
+});
+
+test('a snapshot L1 table on top of the active L1 table: snapshot -d refuses', () => {
+  // case 383: the snapshot entry's L1 offset = the active L1's.
+  const path = image('snl1act.qcow2', 'cluster_size=4096', '1M', ['write -P 0x61 0 8k'], 'c1');
+  const b = new Uint8Array(readFileSync(path));
+  putU64(b, u64(b, 64), BigInt(u64(b, 40)));
+  writeFileSync(path, b);
+  refusedUnchanged(path, ['snapshot', '-d', 'c1'], /snapshot 1: its L1 table at 0x[0-9a-f]+ \(1 entries\) overlaps the active L1 table/);
 });
 
 test.run();

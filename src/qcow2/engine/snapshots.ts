@@ -87,6 +87,7 @@ export interface NewSnapshot {
 export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEntry {
   const img = w.img;
   refuseDataFile(img, 'create', snap.name);
+  w.assertSnapshotsClear();
   if (img.snapshots.length >= L.MAX_SNAPSHOTS) throw new QimgError('UNSUPPORTED', `Could not create snapshot '${snap.name}': Too many snapshots`);
   w.commit();
   // Refuse before changing anything if a refcount would overflow.
@@ -143,10 +144,13 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
   const what = describeRef(ref);
   const sn = findSnapshotEntry(img.snapshots, ref);
   if (!sn) throw new QimgError('NOT_FOUND', `Could not apply snapshot '${what}': Failed to load snapshot: No such file or directory`);
+  w.assertSnapshotsClear();
   refuseDataFile(img, 'apply', what);
   if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Could not apply snapshot '${what}': Snapshot L1 table too large`);
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+  // It becomes the active tree, whose L2 tables the OFLAG_COPIED pass below rewrites.
+  w.assertTreeClear(snL1, `L1 table of snapshot ${sn.id}`);
   // Re-count first: a tree that cannot be re-counted refuses the apply with nothing written.
   changeTreeRefs(w, [
     [snL1, +1],
@@ -174,6 +178,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   const what = describeRef(ref);
   const sn = findSnapshotEntry(img.snapshots, ref);
   if (!sn) throw new QimgError('NOT_FOUND', `Could not delete snapshot '${what}': snapshot not found`);
+  w.assertSnapshotsClear();
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
   // Walk (and so validate) the snapshot's tree before anything changes: a tree that cannot be

@@ -63,6 +63,14 @@ export class ImageWriter {
     this.clusterSize = img.clusterSize;
     this.refs = new Refcounts(this.io, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
     this.protectMetadata();
+    this.assertRefcountStructures();
+    this.assertTreeClear(img.l1, 'active L1 table');
+    // The last line of QEMU's overlap check: nothing but the header is ever written to cluster 0.
+    this.io.guard = (pos) => {
+      if (pos < this.clusterSize && !this.writingHeader) {
+        throw new QimgError('CORRUPT', `'${img.filename}': refusing to write metadata at ${hex(pos)}, inside the image header; the image is corrupt, run 'qimg check -r all'`);
+      }
+    };
     // Unknown autoclear bits must be cleared before the first write (spec).
     const known = (1n << BigInt(L.AUTOCLEAR_BITMAPS)) | (1n << BigInt(L.AUTOCLEAR_DATA_FILE_RAW));
     if ((h.autoclearFeatures & ~known) !== 0n) {
@@ -85,6 +93,128 @@ export class ImageWriter {
     }
     refs.protect(h.snapshotsOffset, img.snapshotTableBytes);
     for (const sn of img.snapshots) if (sn.l1Size <= L.MAX_L1_ENTRIES) refs.protect(sn.l1TableOffset, sn.l1Size * 8);
+  }
+
+  /**
+   * Refuses an L1 table whose entries a write could follow onto something that is not an L2
+   * table: an entry with flags but no offset (QEMU would take the header for its L2 table), an
+   * unaligned offset, one past the end of the file, or one naming the header, the refcount table,
+   * a refcount block, an L1 table or the snapshot table. Writes that rewrite L2 tables (guest
+   * writes, OFLAG_COPIED passes) would otherwise overwrite that metadata; QEMU's overlap check
+   * refuses them one write at a time, qimg before the first write.
+   */
+  assertTreeClear(l1: Uint8Array, what: string): void {
+    const cs = this.clusterSize;
+    const other = this.otherMetadata();
+    for (let i = 0; i * 8 < l1.length; i++) {
+      const hi = u32(l1, i * 8);
+      const lo = u32(l1, i * 8 + 4);
+      const off = entryOffset(hi, lo);
+      const bad =
+        off === 0
+          ? hi !== 0 || lo !== 0
+            ? `has flags set (${hex(hi * 2 ** 32 + lo)}) but no L2 table offset`
+            : null
+          : off % cs !== 0
+            ? `points to unaligned L2 table offset ${hex(off)}`
+            : off + cs > this.img.fileSize
+              ? `points to L2 table offset ${hex(off)} past the end of the file`
+              : other.has(off / cs)
+                ? `points to ${hex(off)}, which holds the ${other.get(off / cs)}`
+                : null;
+      if (bad) throw new QimgError('CORRUPT', `'${this.img.filename}': ${what}: entry ${i} ${bad}; the image is corrupt, run 'qimg check -r all'`);
+    }
+  }
+
+  private otherMetadataMap: Map<number, string> | null = null;
+  private writingHeader = false;
+
+  /**
+   * Refuses snapshot entries whose L1 table reaches past the end of the file or into other
+   * metadata (an active L2 table included): a snapshot operation writes new tables into free
+   * clusters, and such an entry would then read them as its own L1 entries.
+   */
+  assertSnapshotsClear(): void {
+    const { img } = this;
+    const cs = this.clusterSize;
+    const other = this.otherMetadata();
+    const activeL2 = new Set<number>();
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+      if (off !== 0) activeL2.add(off / cs);
+    }
+    for (const sn of img.snapshots) {
+      if (sn.l1Size === 0 || sn.l1Size > L.MAX_L1_ENTRIES) continue; // the operations refuse oversized tables themselves
+      const own = `L1 table of snapshot ${sn.id}`;
+      const fail = (what: string) => {
+        throw new QimgError('CORRUPT', `'${img.filename}': snapshot ${sn.id}: its L1 table at ${hex(sn.l1TableOffset)} (${sn.l1Size} entries) ${what}; the image is corrupt, run 'qimg check -r all'`);
+      };
+      const end = sn.l1TableOffset + sn.l1Size * 8;
+      if (sn.l1TableOffset % cs !== 0) fail('is unaligned');
+      if (end > img.fileSize) fail('reaches past the end of the file');
+      for (let c = sn.l1TableOffset / cs; c * cs < end; c++) {
+        const holds = other.get(c);
+        if (holds !== undefined && holds !== own) fail(`overlaps the ${holds}`);
+        if (activeL2.has(c)) fail('overlaps an active L2 table');
+      }
+    }
+  }
+
+  /**
+   * Refuses refcount structures a write would follow onto other data: a refcount table not
+   * wholly inside the file, or a refcount block that is unaligned, past the end of the file, or
+   * in the header, the refcount table, an L1 table, the snapshot table or an active L2 table.
+   * (Writing such a block's refcounts would overwrite what is really there.)
+   */
+  private assertRefcountStructures(): void {
+    const { img, refs } = this;
+    const cs = this.clusterSize;
+    const fail = (what: string) => {
+      throw new QimgError('CORRUPT', `'${img.filename}': ${what}; the image is corrupt, run 'qimg check -r all'`);
+    };
+    if (refs.location.offset + refs.location.clusters * cs > img.fileSize) fail(`the refcount table at ${hex(refs.location.offset)} lies past the end of the file`);
+    const other = this.otherMetadata();
+    const activeL2 = new Set<number>();
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+      if (off !== 0) activeL2.add(off);
+    }
+    const rt = refs.reftable;
+    for (let t = 0; t * 8 < rt.length; t++) {
+      const off = entryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
+      if (off === 0) continue;
+      const where = `refcount table entry ${t} (refcount block at ${hex(off)})`;
+      if (off % cs !== 0) fail(`${where} is unaligned`);
+      if (off + cs > img.fileSize) fail(`${where} lies past the end of the file`);
+      const holds = other.get(off / cs);
+      if (holds !== undefined && holds !== 'refcount block') fail(`${where} overlaps the ${holds}`);
+      if (activeL2.has(off)) fail(`${where} overlaps an L2 table`);
+    }
+  }
+
+  /** Host clusters of the metadata that is not an L2 table, with what each holds. */
+  private otherMetadata(): Map<number, string> {
+    if (this.otherMetadataMap) return this.otherMetadataMap;
+    const { img, header: h } = this;
+    const cs = this.clusterSize;
+    const m = new Map<number, string>();
+    const mark = (off: number, bytes: number, what: string) => {
+      if (off === 0 && bytes === 0) return;
+      const end = Math.min(off + Math.max(bytes, 1), img.fileSize + cs);
+      for (let c = Math.floor(off / cs); c * cs < end; c++) if (!m.has(c)) m.set(c, what);
+    };
+    mark(0, cs, 'image header');
+    const rt = this.refs.reftable;
+    mark(this.refs.location.offset, this.refs.location.clusters * cs, 'refcount table');
+    for (let t = 0; t * 8 < rt.length; t++) {
+      const off = entryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
+      if (off !== 0) mark(off, cs, 'refcount block');
+    }
+    mark(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+    if (h.nbSnapshots) mark(h.snapshotsOffset, img.snapshotTableBytes, 'snapshot table');
+    for (const sn of img.snapshots) if (sn.l1Size <= L.MAX_L1_ENTRIES) mark(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
+    this.otherMetadataMap = m;
+    return m;
   }
 
   get file(): BlockFile {
@@ -865,7 +995,12 @@ export class ImageWriter {
       padded.set(bytes);
       bytes = padded;
     }
-    this.file.write(bytes.subarray(from, to), from);
+    this.writingHeader = true;
+    try {
+      this.file.write(bytes.subarray(from, to), from);
+    } finally {
+      this.writingHeader = false;
+    }
   }
 
   /** Marks a header range to be written at the next commit (after tables, before decreases). */

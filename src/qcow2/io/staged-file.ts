@@ -24,6 +24,8 @@ export class StagedFile implements BlockFile {
   private stageLen = 0;
   private dirty = false;
   private sinceWriteback = 0;
+  /** Called with every write before it is staged or made; throws to refuse it (see ImageWriter). */
+  guard: ((pos: number, length: number) => void) | null = null;
 
   constructor(
     readonly inner: BlockFile,
@@ -50,6 +52,7 @@ export class StagedFile implements BlockFile {
   }
 
   write(buf: Uint8Array, pos: number): void {
+    this.guard?.(pos, buf.length);
     this.dirty = true;
     this.sinceWriteback += buf.length;
     if (this.sinceWriteback >= WRITEBACK_BYTES && this.durable && this.inner.startWriteback) {
