@@ -136,4 +136,18 @@ test('a snapshot L1 table on top of the active L1 table: snapshot -d refuses', (
   refusedUnchanged(path, ['snapshot', '-d', 'c1'], /snapshot 1: its L1 table at 0x[0-9a-f]+ \(1 entries\) overlaps the active L1 table/);
 });
 
+test('a snapshot L2 entry naming the active L1 table as data: snapshot -d refuses (it freed the L1 table)', () => {
+  // case 506: the -1 on that "data cluster" dropped the active L1 table's refcount to 0, so the
+  // next allocation would have overwritten it (qemu-img 7.2 frees it too).
+  const path = image('l2l1.qcow2', 'cluster_size=4096', '1M', ['write -P 0x71 0 8k'], 'a', ['write -P 0x72 0 4k']);
+  const b = new Uint8Array(readFileSync(path));
+  const l1 = u64(b, 40);
+  const snL1 = u64(b, u64(b, 64));
+  const snL2 = entryOff(b, snL1);
+  assert.ok(snL2 !== entryOff(b, l1), 'the write should have given the active tree its own L2 table');
+  putU64(b, snL2 + 8, BigInt(l1));
+  writeFileSync(path, b);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${l1.toString(16)} holds the active L1 table but its refcount would drop to 0`));
+});
+
 test.run();

@@ -759,6 +759,11 @@ export class RefcountEdit {
     throw this.undo(new QimgError('CORRUPT', `cluster ${hex(ci)} referenced past the end of the image's refcount coverage`));
   }
 
+  /** The clusters that reached refcount 0 so far in this batch. */
+  get zeroClusters(): readonly number[] {
+    return this.zeros;
+  }
+
   /** How many clusters reached refcount 0 so far in this batch. */
   get zeroCount(): number {
     return this.zeros.length;

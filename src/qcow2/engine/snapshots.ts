@@ -41,11 +41,23 @@ function clusterLimit(w: ImageWriter): number {
  * and checked. Returns the L2 tables whose data clusters all ended at refcount 1 — when no
  * cluster reached 0, so that those values are final (see ImageWriter.recomputeCopied).
  */
-function changeTreeRefs(w: ImageWriter, trees: Array<[Uint8Array, number]>, also?: (e: RefcountEdit) => void): Set<number> {
+function changeTreeRefs(
+  w: ImageWriter,
+  trees: Array<[Uint8Array, number]>,
+  also?: (e: RefcountEdit) => void,
+  frees: { allowed: string | null; activeL2: boolean } = { allowed: null, activeL2: false },
+): Set<number> {
   const e = w.refs.edit();
   applyTreeRefs(w.img, trees, e, clusterLimit(w));
   const final = e.zeroCount === 0;
   also?.(e);
+  // A damaged entry can name metadata as a data cluster; dropping that reference must not free it.
+  try {
+    if (e.zeroCount) w.assertFreesNoMetadata(e.zeroClusters, frees.allowed, frees.activeL2);
+  } catch (err) {
+    e.cancel();
+    throw err;
+  }
   e.finish();
   return final ? e.endedAtOne : new Set();
 }
@@ -152,10 +164,15 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
   // It becomes the active tree, whose L2 tables the OFLAG_COPIED pass below rewrites.
   w.assertTreeClear(snL1, `L1 table of snapshot ${sn.id}`);
   // Re-count first: a tree that cannot be re-counted refuses the apply with nothing written.
-  changeTreeRefs(w, [
-    [snL1, +1],
-    [img.l1, -1],
-  ]);
+  changeTreeRefs(
+    w,
+    [
+      [snL1, +1],
+      [img.l1, -1],
+    ],
+    undefined,
+    { allowed: null, activeL2: true }, // the old active tree's own tables may go
+  );
   w.ensureL1(sn.l1Size);
   if (sn.diskSize !== null && sn.diskSize !== img.virtualSize) w.setVirtualSize(sn.diskSize);
   const fresh = snL1.slice();
@@ -187,7 +204,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   // before anything is written; commit() writes decreases only after the header names the new
   // table, which is QEMU's order.
   assertTreeInFile(img, img.l1); // the OFLAG_COPIED pass at the end reads the active tree
-  const atOne = changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1));
+  const atOne = changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1), { allowed: `L1 table of snapshot ${sn.id}`, activeL2: false });
 
   const entries = img.snapshots.filter((s) => s !== sn);
   w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);

@@ -126,8 +126,31 @@ export class ImageWriter {
     }
   }
 
-  private otherMetadataMap: Map<number, string> | null = null;
   private writingHeader = false;
+
+  /**
+   * Refuses a refcount change that would free metadata still in use: clusters in `zeros` (now at
+   * refcount 0) that hold the header, a refcount structure, an L1 table (but `allowed`, the one
+   * being dropped) or the snapshot table, or (`activeL2Freeable` false) an active L2 table.
+   */
+  assertFreesNoMetadata(zeros: readonly number[], allowed: string | null, activeL2Freeable: boolean): void {
+    const { img } = this;
+    const cs = this.clusterSize;
+    const other = this.otherMetadata();
+    const activeL2 = new Set<number>();
+    if (!activeL2Freeable) {
+      for (let i = 0; i * 8 < img.l1.length; i++) {
+        const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+        if (off !== 0) activeL2.add(off / cs);
+      }
+    }
+    for (const ci of zeros) {
+      const holds = other.get(ci) ?? (activeL2.has(ci) ? 'active L2 table' : undefined);
+      if (holds !== undefined && holds !== allowed) {
+        throw new QimgError('CORRUPT', `'${img.filename}': cluster ${hex(ci * cs)} holds the ${holds} but its refcount would drop to 0 (a table entry names it as data); the image is corrupt, run 'qimg check -r all'`);
+      }
+    }
+  }
 
   /**
    * Refuses snapshot entries whose L1 table reaches past the end of the file or into other
@@ -192,9 +215,11 @@ export class ImageWriter {
     }
   }
 
-  /** Host clusters of the metadata that is not an L2 table, with what each holds. */
+  /**
+   * Host clusters of the metadata that is not an L2 table, with what each holds. Built afresh
+   * each time: operations move the snapshot table and add L1 tables and refcount blocks.
+   */
   private otherMetadata(): Map<number, string> {
-    if (this.otherMetadataMap) return this.otherMetadataMap;
     const { img, header: h } = this;
     const cs = this.clusterSize;
     const m = new Map<number, string>();
@@ -213,7 +238,6 @@ export class ImageWriter {
     mark(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
     if (h.nbSnapshots) mark(h.snapshotsOffset, img.snapshotTableBytes, 'snapshot table');
     for (const sn of img.snapshots) if (sn.l1Size <= L.MAX_L1_ENTRIES) mark(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
-    this.otherMetadataMap = m;
     return m;
   }
 
