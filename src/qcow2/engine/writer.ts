@@ -137,13 +137,7 @@ export class ImageWriter {
     const { img } = this;
     const cs = this.clusterSize;
     const other = this.otherMetadata();
-    const activeL2 = new Set<number>();
-    if (!activeL2Freeable) {
-      for (let i = 0; i * 8 < img.l1.length; i++) {
-        const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
-        if (off !== 0) activeL2.add(off / cs);
-      }
-    }
+    const activeL2 = activeL2Freeable ? new Set<number>() : this.activeL2Clusters();
     for (const ci of zeros) {
       const holds = other.get(ci) ?? (activeL2.has(ci) ? 'active L2 table' : undefined);
       if (holds !== undefined && holds !== allowed) {
@@ -161,11 +155,7 @@ export class ImageWriter {
     const { img } = this;
     const cs = this.clusterSize;
     const other = this.otherMetadata();
-    const activeL2 = new Set<number>();
-    for (let i = 0; i * 8 < img.l1.length; i++) {
-      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
-      if (off !== 0) activeL2.add(off / cs);
-    }
+    const activeL2 = this.activeL2Clusters();
     for (const sn of img.snapshots) {
       if (sn.l1Size === 0 || sn.l1Size > L.MAX_L1_ENTRIES) continue; // the operations refuse oversized tables themselves
       const own = `L1 table of snapshot ${sn.id}`;
@@ -197,11 +187,7 @@ export class ImageWriter {
     };
     if (refs.location.offset + refs.location.clusters * cs > img.fileSize) fail(`the refcount table at ${hex(refs.location.offset)} lies past the end of the file`);
     const other = this.otherMetadata();
-    const activeL2 = new Set<number>();
-    for (let i = 0; i * 8 < img.l1.length; i++) {
-      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
-      if (off !== 0) activeL2.add(off);
-    }
+    const activeL2 = this.activeL2Clusters();
     const rt = refs.reftable;
     for (let t = 0; t * 8 < rt.length; t++) {
       const off = entryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
@@ -211,8 +197,19 @@ export class ImageWriter {
       if (off + cs > img.fileSize) fail(`${where} lies past the end of the file`);
       const holds = other.get(off / cs);
       if (holds !== undefined && holds !== 'refcount block') fail(`${where} overlaps the ${holds}`);
-      if (activeL2.has(off)) fail(`${where} overlaps an L2 table`);
+      if (activeL2.has(off / cs)) fail(`${where} overlaps an L2 table`);
     }
+  }
+
+  /** Host cluster indices of the active tree's L2 tables. */
+  private activeL2Clusters(): Set<number> {
+    const { l1 } = this.img;
+    const out = new Set<number>();
+    for (let i = 0; i * 8 < l1.length; i++) {
+      const off = entryOffset(u32(l1, i * 8), u32(l1, i * 8 + 4));
+      if (off !== 0) out.add(off / this.clusterSize);
+    }
+    return out;
   }
 
   /**
