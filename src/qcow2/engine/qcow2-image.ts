@@ -229,8 +229,11 @@ export class Qcow2Image implements Layer {
     const lo = u32(t, idx * ew + 4);
     if (hi === 0 && lo === 0 && !this.extendedL2) {
       // A run of empty entries is one unallocated plan (chains and maps walk them by the GiB).
+      // Zero tests need no byte order: whole 32-bit words of the table, two per entry.
+      const words = new Int32Array(t.buffer, t.byteOffset, t.length >>> 2);
+      const last = Math.min(this.l2Entries, idx + Math.ceil((maxLen + inCluster) / cs));
       let e = idx + 1;
-      while (e < this.l2Entries && (e - idx) * cs - inCluster < maxLen && u32(t, e * 8) === 0 && u32(t, e * 8 + 4) === 0) e++;
+      while (e < last && words[2 * e] === 0 && words[2 * e + 1] === 0) e++;
       return { kind: PlanKind.Unallocated, length: Math.min(maxLen, (e - idx) * cs - inCluster), host: 0 };
     }
     const kind = classifyL2(hi, lo, this.zeroFlag);
