@@ -353,8 +353,9 @@ test('refused: header_length larger than the cluster', () => {
 test('refused: backing file name too long (offset 512 + size 2000, or past the cluster)', () => {
   const b = poke32(poke64(V3_PLAIN, L.H_BACKING_FILE_OFFSET, 512n), L.H_BACKING_FILE_SIZE, 2000);
   refusal(() => open(b), 'Backing file name too long', 'BAD_IMAGE');
-  // 512-byte clusters: name at 0x100 of 0x101 bytes ends one byte past cluster 0.
-  const c = poke32(poke32(poke64(V3_PLAIN, L.H_BACKING_FILE_OFFSET, 0x100n), L.H_BACKING_FILE_SIZE, 0x101), L.H_CLUSTER_BITS, 9);
+  // 512-byte clusters: name at 0x100 of 0x101 bytes ends one byte past cluster 0 (virtual size
+  // 0, or the L1 table would be too small first: QEMU reads the name after the L1 checks).
+  const c = poke64(poke32(poke32(poke64(V3_PLAIN, L.H_BACKING_FILE_OFFSET, 0x100n), L.H_BACKING_FILE_SIZE, 0x101), L.H_CLUSTER_BITS, 9), L.H_SIZE, 0n);
   refusal(() => open(c), 'Backing file name too long', 'BAD_IMAGE');
 });
 

@@ -70,7 +70,8 @@ export class CheckImage {
   static open(file: BlockFile, filename: string): CheckImage {
     const header = Qcow2Image.readHeader(file);
     // Check mode accepts an empty refcount table and defers the snapshot table to the check.
-    validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0 }, file.size());
+    const { snapshotsOffset: _deferredToCheck, ...wide } = header.wide ?? {};
+    validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0, wide }, file.size(), { check: true });
     if (header.cryptMethod !== L.CRYPT_NONE) {
       throw new QimgError('UNSUPPORTED', "Parameter 'encrypt.key-secret' is required for cipher");
     }
@@ -166,7 +167,9 @@ export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: str
     msgs.push(`You can force-remove all ${nb - L.MAX_SNAPSHOTS} overhanging snapshots with ${prog} check -r all`);
     throw new CheckAbort('File too large');
   }
-  if (off % img.clusterSize !== 0 || off + nb * SN_FIXED > Number.MAX_SAFE_INTEGER) {
+  // QEMU's table rule (aligned, ending by INT64_MAX); a table past 2^53 reads as zeros.
+  const offBig = img.header.wide?.snapshotsOffset ?? BigInt(off);
+  if (offBig % BigInt(img.clusterSize) !== 0n || offBig + BigInt(nb * SN_FIXED) > 2n ** 63n - 1n || BigInt(Number(offBig)) !== offBig) {
     msgs.push(`${prog}: ERROR snapshot table offset invalid`);
     throw new CheckAbort('Invalid argument');
   }

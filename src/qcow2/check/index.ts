@@ -4,6 +4,7 @@
 import { existsSync } from 'node:fs';
 import { QimgError } from '../errors.js';
 import { isQcow2 } from '../format/header.js';
+import { u32 } from '../format/bytes.js';
 import { NodeFile, type BlockFile } from '../io/file.js';
 import { resolveBackingPath } from '../engine/open.js';
 import { CheckPass, FIX_ERRORS, FIX_LEAKS, emptyCounts, type CheckCounts, type PassOptions } from './checker.js';
@@ -86,14 +87,20 @@ function fail(report: CheckReport, err: unknown): CheckReport {
 /** The check on an already open (and locked) file. */
 export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}, report = baseReport(path)): CheckReport {
   const prog = opts.prog ?? 'qimg';
-  const magic = new Uint8Array(4);
-  const n = file.read(magic, 0);
-  const qcow2 = n === 4 && isQcow2(magic);
-  if (opts.format === 'qcow2' && !qcow2) {
+  const head = new Uint8Array(QCOW1_HEADER_BYTES);
+  const n = file.read(head, 0);
+  const magic = n >= 4 && isQcow2(head);
+  if (opts.format === 'qcow2' && !magic) {
     report.error = `Could not open '${path}': Image is not in qcow2 format`;
     return report;
   }
-  if (opts.format === 'raw' || !qcow2) {
+  // QEMU's probe: the qcow2 magic with version >= 2 is qcow2, with version 1 (and a whole
+  // 48-byte header) the old qcow format; anything else is raw.
+  const version = n >= 8 ? u32(head, 4) : 0;
+  const probed = !magic ? 'raw' : version >= 2 ? 'qcow2' : version === 1 && n === QCOW1_HEADER_BYTES ? 'qcow' : 'raw';
+  if (!opts.format && probed === 'qcow') return checkQcow1(head, path, report);
+  if (opts.format === 'raw' || (!opts.format && probed === 'raw')) {
+    if (!opts.format && opts.repair) report.messages.push(...rawProbeWarning(path));
     report.format = 'raw';
     report.error = 'This image format does not support checks';
     report.exitCode = 63;
@@ -142,6 +149,47 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
     report.error = 'Check failed';
     report.exitCode = 1;
   } else report.exitCode = counts.corruptions ? 2 : counts.leaks ? 3 : 0;
+  return report;
+}
+
+/** Bytes of the old qcow (version 1) header, which QEMU's probe needs whole. */
+const QCOW1_HEADER_BYTES = 48;
+
+/** QEMU's warning when it opens a probed raw image writable (as `check -r` does). */
+function rawProbeWarning(path: string): string[] {
+  return [
+    `WARNING: Image format was not specified for '${path}' and probing guessed raw.`,
+    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.',
+    "         Specify the 'raw' format explicitly to remove the restrictions.",
+  ];
+}
+
+/**
+ * The qcow2 magic with version 1 is QEMU's old qcow format, which has no check: its open-time
+ * refusals (cluster_bits and l2_bits are single bytes at 32 and 33, crypt_method at 36), else
+ * qemu-img's "does not support checks".
+ */
+function checkQcow1(head: Uint8Array, path: string, report: CheckReport): CheckReport {
+  const clusterBits = head[32]!;
+  const l2Bits = head[33]!;
+  const crypt = u32(head, 36);
+  const size = (BigInt(u32(head, 24)) << 32n) | BigInt(u32(head, 28));
+  const shift = BigInt(clusterBits + l2Bits);
+  let why: string | null = null;
+  if (size <= 1n) why = 'Image size is too small (must be at least 2 bytes)';
+  else if (clusterBits < 9 || clusterBits > 16) why = 'Cluster size must be between 512 and 64k';
+  else if (l2Bits < 6 || l2Bits > 13) why = 'L2 table size must be between 512 and 64k';
+  else if (crypt > 1) why = 'invalid encryption method in qcow header';
+  // L1 entries for the size must fit in an int's worth of bytes.
+  else if ((size + (1n << shift) - 1n) >> shift > BigInt(Math.floor(0x7fffffff / 8))) why = 'Image too large';
+  else if (crypt === 1) why = "Parameter 'encrypt.key-secret' is required for cipher";
+  if (why) {
+    report.error = `Could not open '${path}': ${why}`;
+    return report;
+  }
+  report.format = 'qcow';
+  report.error = 'This image format does not support checks';
+  report.exitCode = 63;
   return report;
 }
 

@@ -1,6 +1,6 @@
 // qcow2 header v2/v3 and its extensions: decode, validate against QEMU's open-time limits, encode.
 
-import { QimgError, hex } from '../errors.js';
+import { QimgError } from '../errors.js';
 import { align, decodeString, encodeString, setU32, setU64, setU64n, u32, u64, u64n } from './bytes.js';
 import * as L from './layout.js';
 
@@ -57,6 +57,21 @@ export interface Header {
   featureNames: FeatureName[];
   bitmaps: BitmapsExtension | null;
   crypto: CryptoExtension | null;
+  /**
+   * 64-bit fields stored above Number.MAX_SAFE_INTEGER, as stored (the number field then holds
+   * an approximation no one may use). validateHeader refuses them the way QEMU does, or as
+   * unsupported when QEMU would open the image; the checker may accept exact table offsets.
+   */
+  wide?: WideFields;
+  /** An extension or backing file name error, thrown by validateHeader where QEMU meets it. */
+  deferred?: QimgError;
+}
+
+export interface WideFields {
+  size?: bigint;
+  l1TableOffset?: bigint;
+  refcountTableOffset?: bigint;
+  snapshotsOffset?: bigint;
 }
 
 export function hasIncompat(h: Header, bit: number): boolean {
@@ -120,19 +135,27 @@ export function decodeHeader(buf: Uint8Array): Header {
   const tailStart = Math.min(headerLength, L.H_COMPRESSION_TYPE + 1);
   const tailBytes = buf.slice(tailStart, headerLength);
 
+  // Past 2^53 a backing file offset is always beyond cluster 0, which QEMU refuses here.
+  if (u32(buf, L.H_BACKING_FILE_OFFSET) > 0x1fffff) throw new QimgError('BAD_IMAGE', 'Invalid backing file offset', { field: 'backing_file_offset' });
+  const wide: WideFields = {};
+  const w64 = (off: number, key: keyof WideFields): number => {
+    const v = u64n(buf, off);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) wide[key] = v;
+    return Number(v);
+  };
   const h: Header = {
     version,
     backingFileOffset: u64(buf, L.H_BACKING_FILE_OFFSET, 'backing_file_offset'),
     backingFileSize: u32(buf, L.H_BACKING_FILE_SIZE),
     clusterBits,
-    size: u64(buf, L.H_SIZE, 'Image size'),
+    size: w64(L.H_SIZE, 'size'),
     cryptMethod: u32(buf, L.H_CRYPT_METHOD),
     l1Size: u32(buf, L.H_L1_SIZE),
-    l1TableOffset: u64(buf, L.H_L1_TABLE_OFFSET, 'l1_table_offset'),
-    refcountTableOffset: u64(buf, L.H_REFCOUNT_TABLE_OFFSET, 'refcount_table_offset'),
+    l1TableOffset: w64(L.H_L1_TABLE_OFFSET, 'l1TableOffset'),
+    refcountTableOffset: w64(L.H_REFCOUNT_TABLE_OFFSET, 'refcountTableOffset'),
     refcountTableClusters: u32(buf, L.H_REFCOUNT_TABLE_CLUSTERS),
     nbSnapshots: u32(buf, L.H_NB_SNAPSHOTS),
-    snapshotsOffset: u64(buf, L.H_SNAPSHOTS_OFFSET, 'snapshots_offset'),
+    snapshotsOffset: w64(L.H_SNAPSHOTS_OFFSET, 'snapshotsOffset'),
     incompatibleFeatures,
     compatibleFeatures,
     autoclearFeatures,
@@ -148,14 +171,26 @@ export function decodeHeader(buf: Uint8Array): Header {
     bitmaps: null,
     crypto: null,
   };
+  if (Object.keys(wide).length) h.wide = wide;
 
   if (h.backingFileOffset > clusterSize) {
     throw new QimgError('BAD_IMAGE', 'Invalid backing file offset', { field: 'backing_file_offset', value: h.backingFileOffset });
   }
   // Extensions live between the header and the backing file name (or the end of cluster 0).
+  // QEMU reads the extensions and the backing file name after validating the tables, so their
+  // errors wait for validateHeader.
   const extEnd = Math.min(h.backingFileOffset || clusterSize, buf.length);
-  decodeExtensions(h, buf, headerLength, extEnd);
+  try {
+    decodeExtensions(h, buf, headerLength, extEnd);
+    decodeBackingName(h, buf, clusterSize);
+  } catch (err) {
+    if (!(err instanceof QimgError)) throw err;
+    h.deferred = err;
+  }
+  return h;
+}
 
+function decodeBackingName(h: Header, buf: Uint8Array, clusterSize: number): void {
   if (h.backingFileOffset) {
     if (h.backingFileSize > L.MAX_BACKING_FILE_NAME || h.backingFileOffset + h.backingFileSize > clusterSize) {
       throw new QimgError('BAD_IMAGE', 'Backing file name too long', { field: 'backing_file_size', value: h.backingFileSize });
@@ -163,9 +198,11 @@ export function decodeHeader(buf: Uint8Array): Header {
     if (h.backingFileOffset + h.backingFileSize > buf.length) {
       throw new QimgError('BAD_IMAGE', 'Backing file name lies past the end of the file');
     }
-    h.backingFile = decodeString(buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
+    // QEMU keeps the name as a C string: it ends at the first NUL (an empty one means no backing file).
+    const stored = buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize);
+    const nul = stored.indexOf(0);
+    h.backingFile = decodeString(nul < 0 ? stored : stored.subarray(0, nul));
   }
-  return h;
 }
 
 function decodeExtensions(h: Header, buf: Uint8Array, start: number, end: number): void {
@@ -174,10 +211,9 @@ function decodeExtensions(h: Header, buf: Uint8Array, start: number, end: number
     const type = u32(buf, off);
     const len = u32(buf, off + 4);
     off += L.EXT_HEADER_BYTES;
+    // QEMU measures the length before looking at the type: an end marker may be too large too.
+    if (len > end - off) throw new QimgError('BAD_IMAGE', 'Header extension too large', { type, offset: off - 8, length: len });
     if (type === L.EXT_END) return;
-    if (len > end - off) {
-      throw new QimgError('BAD_IMAGE', `Header extension 0x${type.toString(16)} at ${hex(off - 8)} is too large (${len} bytes)`);
-    }
     const data = buf.slice(off, off + len);
     h.extensions.push({ type, data });
     decodeKnownExtension(h, type, data);
@@ -241,8 +277,35 @@ export function unknownFeatureNames(h: Header, type: number, mask: bigint, known
  * QEMU's open-time checks that need only the header and the file size. Each failure names the field.
  * Structures that need reading (tables' contents) are checked by the engine.
  */
-export function validateHeader(h: Header, fileSize: number): void {
+export interface ValidateOptions {
+  /**
+   * Opening for `check`: table offsets past 2^53 that QEMU accepts are taken when the number is
+   * exact (the checker reads such tables as zeros past the end of the file, as QEMU does).
+   */
+  check?: boolean;
+}
+
+const INT64_MAX = 2n ** 63n - 1n;
+const INT_MAX = 0x7fffffff;
+
+/**
+ * QEMU's open-time refusals, in the order qcow2_do_open meets them (the order decides which
+ * message a header with several faults gets).
+ */
+export function validateHeader(h: Header, fileSize: number, opts: ValidateOptions = {}): void {
   const clusterSize = 2 ** h.clusterBits;
+  const wide = h.wide ?? {};
+  // Compression type first: QEMU validates it while reading the version 3 fields.
+  if (h.compressionType > L.COMPRESSION_ZSTD) {
+    throw new QimgError('UNSUPPORTED', `qcow2: unknown compression type: ${h.compressionType}`, { field: 'compression_type' });
+  }
+  if (hasIncompat(h, L.INCOMPAT_COMPRESSION)) {
+    if (h.compressionType === L.COMPRESSION_ZLIB) {
+      throw new QimgError('BAD_IMAGE', 'qcow2: Compression type incompatible feature bit must not be set', { field: 'compression_type' });
+    }
+  } else if (h.compressionType !== L.COMPRESSION_ZLIB) {
+    throw new QimgError('BAD_IMAGE', 'qcow2: Compression type incompatible feature bit must be set', { field: 'compression_type' });
+  }
   const unknown = unknownFeatureNames(h, L.FEATURE_INCOMPATIBLE, h.incompatibleFeatures, L.KNOWN_INCOMPATIBLE_MASK);
   if (unknown.length) {
     throw new QimgError('UNSUPPORTED', `Unsupported qcow2 feature(s): ${unknown.join(', ')}`, { field: 'incompatible_features' });
@@ -253,19 +316,6 @@ export function validateHeader(h: Header, fileSize: number): void {
   if (hasIncompat(h, L.INCOMPAT_EXTL2) && h.clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
     throw new QimgError('BAD_IMAGE', 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes', { field: 'cluster_bits' });
   }
-  if (hasIncompat(h, L.INCOMPAT_COMPRESSION)) {
-    if (h.compressionType === L.COMPRESSION_ZLIB) {
-      throw new QimgError('BAD_IMAGE', 'compression type incompatible feature bit must not be set with zlib compression', { field: 'compression_type' });
-    }
-  } else if (h.compressionType !== L.COMPRESSION_ZLIB) {
-    throw new QimgError('BAD_IMAGE', 'compression type incompatible feature bit must be set', { field: 'compression_type' });
-  }
-  if (h.compressionType > L.COMPRESSION_ZSTD) {
-    throw new QimgError('UNSUPPORTED', `Unknown compression type ${h.compressionType}`, { field: 'compression_type' });
-  }
-  if (h.cryptMethod > L.CRYPT_LUKS) {
-    throw new QimgError('UNSUPPORTED', `Unsupported encryption method ${h.cryptMethod}`, { field: 'crypt_method' });
-  }
 
   const reftableBytes = h.refcountTableClusters * clusterSize;
   if (reftableBytes > L.MAX_REFTABLE_BYTES) {
@@ -274,29 +324,53 @@ export function validateHeader(h: Header, fileSize: number): void {
   if (h.refcountTableClusters === 0) {
     throw new QimgError('BAD_IMAGE', 'Image does not contain a reference count table', { field: 'refcount_table_clusters' });
   }
-  checkTableOffset(h.refcountTableOffset, reftableBytes, clusterSize, 'Reference count table offset invalid', 'refcount_table_offset');
+  checkTableOffset(wide.refcountTableOffset ?? h.refcountTableOffset, reftableBytes, clusterSize, 'Reference count table offset invalid', 'refcount_table_offset');
 
   if (h.nbSnapshots > L.MAX_SNAPSHOTS) {
     throw new QimgError('BAD_IMAGE', 'Snapshot table too large', { field: 'nb_snapshots' });
   }
   // The snapshot table's length is only known by reading it; QEMU checks offset alignment and a minimal size.
-  checkTableOffset(h.snapshotsOffset, h.nbSnapshots * L.SN_HEADER_BYTES, clusterSize, 'Snapshot table offset invalid', 'snapshots_offset');
+  checkTableOffset(wide.snapshotsOffset ?? h.snapshotsOffset, h.nbSnapshots * L.SN_HEADER_BYTES, clusterSize, 'Snapshot table offset invalid', 'snapshots_offset');
 
   if (h.l1Size > L.MAX_L1_ENTRIES) {
     throw new QimgError('BAD_IMAGE', 'Active L1 table too large', { field: 'l1_size' });
   }
-  if (h.l1Size < l1EntriesFor(h.size, h.clusterBits, hasIncompat(h, L.INCOMPAT_EXTL2))) {
+  checkTableOffset(wide.l1TableOffset ?? h.l1TableOffset, h.l1Size * 8, clusterSize, 'Active L1 table offset invalid', 'l1_table_offset');
+  // QEMU rounds the size up to whole L1 entries in 64-bit unsigned arithmetic (it may wrap).
+  const shift = BigInt(h.clusterBits + Math.log2(l2Entries(h.clusterBits, hasIncompat(h, L.INCOMPAT_EXTL2))));
+  const size = wide.size ?? BigInt(h.size);
+  const needed = ((size + (1n << shift) - 1n) & (2n ** 64n - 1n)) >> shift;
+  if (needed > BigInt(INT_MAX)) throw new QimgError('BAD_IMAGE', 'Image is too big', { field: 'size' });
+  if (BigInt(h.l1Size) < needed) {
     throw new QimgError('BAD_IMAGE', 'L1 table is too small', { field: 'l1_size' });
   }
-  if (h.l1Size > 0) {
-    checkTableOffset(h.l1TableOffset, h.l1Size * 8, clusterSize, 'Active L1 table offset invalid', 'l1_table_offset');
+  if (h.cryptMethod > L.CRYPT_LUKS) {
+    // QEMU prints the field as a signed int.
+    throw new QimgError('UNSUPPORTED', `Unsupported encryption method ${h.cryptMethod | 0}`, { field: 'crypt_method' });
+  }
+  if (h.deferred) throw h.deferred;
+  // Opened by QEMU, but past what qimg represents exactly.
+  if (size > INT64_MAX) throw new QimgError('BAD_IMAGE', 'Could not refresh total sector count: File too large', { field: 'size' });
+  const unsupported: Array<[keyof WideFields, string, boolean]> = [
+    ['size', 'Image size', false],
+    ['l1TableOffset', 'l1_table_offset', true],
+    ['refcountTableOffset', 'refcount_table_offset', true],
+    ['snapshotsOffset', 'snapshots_offset', true],
+  ];
+  for (const [key, name, table] of unsupported) {
+    const v = wide[key];
+    if (v === undefined) continue;
+    if (table && opts.check && BigInt(Number(v)) === v) continue;
+    throw new QimgError('BAD_IMAGE', `${name} is too large (0x${v.toString(16).padStart(16, '0')})`, { field: name });
   }
   void fileSize; // tables past EOF are found when read, as QEMU does
 }
 
-function checkTableOffset(offset: number, bytes: number, clusterSize: number, message: string, field: string): void {
-  if (offset % clusterSize !== 0 || offset + bytes > L.MAX_SAFE_OFFSET) {
-    throw new QimgError('BAD_IMAGE', message, { field, value: offset });
+/** QEMU's rule for a table: cluster-aligned, and its end must not pass INT64_MAX. */
+function checkTableOffset(offset: number | bigint, bytes: number, clusterSize: number, message: string, field: string): void {
+  const o = BigInt(offset);
+  if (o % BigInt(clusterSize) !== 0n || o + BigInt(bytes) > INT64_MAX) {
+    throw new QimgError('BAD_IMAGE', message, { field, value: Number(o) });
   }
 }
 

@@ -104,6 +104,8 @@ export class NodeFile implements BlockFile {
   }
 
   read(buf: Uint8Array, pos: number): number {
+    // A damaged table offset may lie past 2^53, where Node refuses the position: no file is that long.
+    if (pos + buf.length > Number.MAX_SAFE_INTEGER) return 0;
     let done = 0;
     while (done < buf.length) {
       let n: number;

@@ -1,0 +1,280 @@
+// Differential fuzz of `check`: each mutated image through `qemu-img check` and `qimg check`
+// (the real bin, separate processes), stdout / stderr / exit code compared byte for byte.
+//
+//   node dist/bench/check-diff.js [--seed N] [--count N] [--from N] [--out DIR] [--repair]
+//                                 [--lanes N] [--timeout MS] [--show] [--all]
+//
+// Case i of a seed is makeCase() over makeSeeds()' images, as in the fuzz tests. Both tools see
+// the same bytes at the same path (DIR/lane-K/case-I.qcow2, rewritten before every command), so
+// filenames in messages and JSON agree; qemu-img's output is normalised with asQimg() as the check
+// tests do. With --repair, `check -r leaks` and `check -r all` run on fresh copies too, their
+// outputs are compared, and `qemu-img check` must find qimg's repaired image no worse than
+// qemu-img's. A mismatch saves DIR/diff-SEED-INDEX.qcow2 (the input) and .txt (what differed);
+// known causes (qemu-img crashing or hanging, nondeterministic, or a deliberate difference listed
+// in README.md) are counted by class and not saved unless --all is given. --show prints the full
+// outputs of every mismatch. Rerun one case: --seed SEED --from INDEX --count 1 [--repair] --show.
+
+import { spawn } from 'node:child_process';
+import { copyFileSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { QIMG_BIN } from '../test/helpers.js';
+import { asQimg } from '../test/check/cli.js';
+import { loadSeeds, makeSeeds } from '../test/fuzz/harness.js';
+import { makeCase } from '../test/fuzz/mutate.js';
+
+interface Out {
+  status: number;
+  stdout: string;
+  stderr: string;
+  /** Killed by the time limit. */
+  timedOut: boolean;
+  /** Ended by a signal other than the time limit's (e.g. SIGABRT from an assertion). */
+  signal: string | null;
+}
+
+interface Mismatch {
+  op: string;
+  /** Why it differs, one line. */
+  what: string;
+  qemu: Out;
+  qimg: Out;
+}
+
+/** A known cause: counted, not reported as new. */
+type Known = string | null;
+
+const ENV = { ...process.env, LC_ALL: 'C', TZ: 'UTC' } as Record<string, string>;
+delete ENV.NODE_EXTRA_CA_CERTS;
+
+function opt(argv: string[], name: string): string | undefined {
+  const i = argv.indexOf(name);
+  return i >= 0 ? argv[i + 1] : undefined;
+}
+
+function exec(cmd: string, args: string[], timeoutMs: number): Promise<Out> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { env: ENV, stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs, killSignal: 'SIGKILL' });
+    let stdout = '';
+    let stderr = '';
+    // latin1: one char per byte, so the comparison is byte for byte (names need not be UTF-8).
+    child.stdout.setEncoding('latin1').on('data', (d: string) => {
+      if (stdout.length < 1 << 22) stdout += d;
+    });
+    child.stderr.setEncoding('latin1').on('data', (d: string) => {
+      if (stderr.length < 1 << 22) stderr += d;
+    });
+    child.on('error', (err) => resolve({ status: -1, stdout, stderr: stderr + String(err), timedOut: false, signal: null }));
+    child.on('close', (code, signal) => {
+      const timedOut = signal === 'SIGKILL';
+      resolve({ status: code ?? -1, stdout, stderr, timedOut, signal: timedOut ? null : signal });
+    });
+  });
+}
+
+function normalised(o: Out): Out {
+  return { ...o, ...asQimg(o) };
+}
+
+function sameOut(a: Out, b: Out): boolean {
+  return a.status === b.status && a.stdout === b.stdout && a.stderr === b.stderr;
+}
+
+function describe(a: Out, b: Out): string {
+  const parts: string[] = [];
+  if (a.status !== b.status) parts.push(`exit ${a.status} vs ${b.status}`);
+  if (a.stdout !== b.stdout) parts.push('stdout');
+  if (a.stderr !== b.stderr) parts.push('stderr');
+  return parts.join(', ');
+}
+
+/** qemu-img check's verdict on a repaired file: corruptions + check errors, leaks; null when it cannot check. */
+interface Verdict {
+  bad: number;
+  leaks: number;
+  status: number;
+}
+function verdict(o: Out): Verdict | null {
+  try {
+    const j = JSON.parse(o.stdout) as { corruptions?: number; leaks?: number; 'check-errors'?: number };
+    return { bad: (j.corruptions ?? 0) + (j['check-errors'] ?? 0), leaks: j.leaks ?? 0, status: o.status };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Known causes of a difference that are not qimg's to fix: qemu-img dying or hanging, or a
+ * deliberate difference documented in README.md ("Deliberate differences from qemu-img 7.2").
+ */
+function classify(m: Mismatch, bytes: Uint8Array): Known {
+  if (m.qemu.signal) return `qemu-img killed by ${m.qemu.signal}`;
+  if (m.qemu.timedOut && !m.qimg.timedOut) return 'qemu-img timed out';
+  if (m.qemu.status > 3 && m.qemu.status !== 63) return `qemu-img exit ${m.qemu.status}`;
+  // Names printed as stored: qemu-img writes their bytes, qimg writes strings as UTF-8 (a byte
+  // that is not UTF-8 becomes U+FFFD). Equal once both are read as UTF-8: only that differs.
+  const utf8 = (s: string) => Buffer.from(s, 'latin1').toString('utf8');
+  if (m.qemu.status === m.qimg.status && utf8(m.qemu.stdout) === utf8(m.qimg.stdout) && utf8(m.qemu.stderr) === utf8(m.qimg.stderr)) {
+    return 'names that are not UTF-8 (printed as U+FFFD)';
+  }
+  // README: `check -r all` on a snapshot whose l1_size is too large: qemu-img's overlap check
+  // aborts its own repair (Check failed, exit 1); qimg reports the error (exit 2).
+  if (m.op === 'check -r all' && m.qemu.status === 1 && m.qimg.status === 2 && /Snapshot L1 table|l1_size/.test(m.qimg.stderr + m.qemu.stderr)) {
+    return 'deliberate: -r all with a snapshot l1_size too large';
+  }
+  // README: protocol and json: backing names are never followed (qemu-img tries to connect).
+  if (/Could not open backing file: .*'(json:|[a-z+]+:\/\/)/.test(m.qimg.stderr)) return 'deliberate: protocol / json: backing names are never followed';
+  // README: with unknown autoclear bits qemu-img's repair rewrites the header before it reads the
+  // snapshot table, which drops every snapshot; qimg keeps them.
+  const autoclearUnknown = bytes.length >= 96 && (bytes[88]! | bytes[89]! | bytes[90]! | bytes[91]! | bytes[92]! | bytes[93]! | bytes[94]! | (bytes[95]! & 0xfc)) !== 0;
+  const nbSnapshots = bytes.length >= 64 ? (bytes[60]! | bytes[61]! | bytes[62]! | bytes[63]!) : 0;
+  if (m.op.includes('-r ') && autoclearUnknown && nbSnapshots && bytes[7] === 3) return 'deliberate: unknown autoclear bits (qemu-img -r drops the snapshots)';
+  return null;
+}
+
+interface Lane {
+  dir: string;
+}
+
+interface Opts {
+  runSeed: number;
+  seedDir: string;
+  seeds: string[];
+  out: string;
+  repair: boolean;
+  timeoutMs: number;
+  show: boolean;
+  all: boolean;
+}
+
+interface Tally {
+  cases: number;
+  mismatches: number;
+  known: Map<string, number>;
+  lines: string[];
+}
+
+async function runCase(o: Opts, lane: Lane, i: number, t: Tally): Promise<void> {
+  const name = `case-${i}.qcow2`;
+  const c = makeCase(loadSeeds(o.seedDir, o.seeds), o.runSeed, i, name);
+  const path = join(lane.dir, name);
+  const fresh = () => writeFileSync(path, c.bytes);
+  const found: Mismatch[] = [];
+
+  /** Runs one check command on a fresh copy under each tool; a difference is recorded. */
+  const pair = async (op: string, args: string[], keep?: { qemu: string; qimg: string }): Promise<[Out, Out]> => {
+    fresh();
+    const q = normalised(await exec('qemu-img', ['check', ...args, path], o.timeoutMs));
+    if (keep) renameSync(path, keep.qemu);
+    fresh();
+    const m = await exec(QIMG_BIN, ['check', ...args, path], o.timeoutMs);
+    if (keep) renameSync(path, keep.qimg);
+    if (!sameOut(q, m) || q.timedOut !== m.timedOut || m.timedOut) {
+      let what = m.timedOut ? 'qimg timed out' : describe(q, m);
+      if (!m.timedOut && !q.timedOut && !keep) {
+        // Ask qemu-img once more: an answer that changes between runs is not qimg's to match.
+        fresh();
+        const again = normalised(await exec('qemu-img', ['check', ...args, path], o.timeoutMs));
+        if (!sameOut(again, q)) what = 'nondeterministic qemu-img: ' + what;
+      }
+      found.push({ op, what, qemu: q, qimg: m });
+    }
+    return [q, m];
+  };
+
+  await pair('check', []);
+  await pair('check --output=json', ['--output=json']);
+  if (o.repair) {
+    for (const mode of ['leaks', 'all']) {
+      const keep = { qemu: join(lane.dir, `rq-${i}.qcow2`), qimg: join(lane.dir, `rm-${i}.qcow2`) };
+      const [q, m] = await pair(`check -r ${mode}`, ['-r', mode], keep);
+      // The repaired files, judged by qemu-img at the case's path (backing names may be relative).
+      const judge = async (file: string) => {
+        renameSync(file, path);
+        const r = await exec('qemu-img', ['check', '--output=json', path], o.timeoutMs);
+        rmSync(path, { force: true });
+        return r;
+      };
+      const jq = await judge(keep.qemu);
+      const jm = await judge(keep.qimg);
+      const vq = verdict(jq);
+      const vm = verdict(jm);
+      const worse = vm === null ? vq !== null : vq !== null && (vm.bad > vq.bad || (vm.bad === vq.bad && vm.leaks > vq.leaks));
+      if (worse && !q.timedOut && !m.timedOut) {
+        const fmt = (v: Verdict | null, r: Out) => (v ? `${v.bad} errors, ${v.leaks} leaks (exit ${v.status})` : `cannot check (exit ${r.status}): ${r.stderr.trim().split('\n')[0]}`);
+        found.push({ op: `qemu-img check after -r ${mode}`, what: `qimg's repair ${fmt(vm, jm)}, qemu-img's ${fmt(vq, jq)}`, qemu: normalised(jq), qimg: normalised(jm) });
+      }
+    }
+  }
+  rmSync(path, { force: true });
+  t.cases++;
+  if (!found.length) return;
+
+  const fresh2: Mismatch[] = [];
+  for (const m of found) {
+    const k = classify(m, c.bytes) ?? (m.what.startsWith('nondeterministic') ? 'nondeterministic qemu-img' : null);
+    if (k) t.known.set(k, (t.known.get(k) ?? 0) + 1);
+    else fresh2.push(m);
+  }
+  const report = o.all ? found : fresh2;
+  if (!report.length) return;
+  t.mismatches++;
+  const head = `#${i} ${c.seed}: ${c.steps.join('; ')}`;
+  const body = report.map((m) => `  ${m.op}: ${m.what}${classify(m, c.bytes) ? ` [known: ${classify(m, c.bytes)}]` : ''}`).join('\n');
+  const line = `${head}\n${body}`;
+  t.lines.push(line);
+  process.stdout.write(line + '\n');
+  const detail = report
+    .map((m) => [`== ${m.op}: ${m.what}`, `-- qemu-img (exit ${m.qemu.status}${m.qemu.timedOut ? ', timed out' : ''}) stdout:`, m.qemu.stdout, '-- stderr:', m.qemu.stderr, `-- qimg (exit ${m.qimg.status}${m.qimg.timedOut ? ', timed out' : ''}) stdout:`, m.qimg.stdout, '-- stderr:', m.qimg.stderr].join('\n'))
+    .join('\n');
+  if (o.show) process.stdout.write(Buffer.from(detail + '\n', 'latin1'));
+  writeFileSync(join(o.out, `diff-${o.runSeed}-${i}.qcow2`), c.bytes);
+  writeFileSync(join(o.out, `diff-${o.runSeed}-${i}.txt`), `${head}\nrerun: node dist/bench/check-diff.js --seed ${o.runSeed} --from ${i} --count 1${o.repair ? ' --repair' : ''} --show\n${detail}\n`, 'latin1');
+}
+
+async function main(argv: string[]): Promise<void> {
+  const runSeed = Number(opt(argv, '--seed') ?? Math.floor(Math.random() * 0xffffffff));
+  const count = Number(opt(argv, '--count') ?? 1000);
+  const from = Number(opt(argv, '--from') ?? 0);
+  const lanes = Math.max(1, Number(opt(argv, '--lanes') ?? 2));
+  const out = opt(argv, '--out') ?? join(process.cwd(), 'check-diff');
+  const timeoutMs = Number(opt(argv, '--timeout') ?? 10000);
+  mkdirSync(out, { recursive: true });
+  const work = mkdtempSync(join(tmpdir(), 'qimg-check-diff-'));
+  try {
+    const seedDir = join(work, 'seeds');
+    mkdirSync(seedDir);
+    const seeds = makeSeeds(seedDir);
+    // Each lane has its own directory holding the seeds, so a case naming `base.qcow2` as its
+    // backing file finds one, and lanes never touch each other's files.
+    const laneList: Lane[] = [];
+    for (let k = 0; k < lanes; k++) {
+      const dir = join(work, `lane-${k}`);
+      mkdirSync(dir);
+      for (const s of seeds) copyFileSync(join(seedDir, s), join(dir, s));
+      laneList.push({ dir });
+    }
+    const o: Opts = { runSeed, seedDir, seeds, out, repair: argv.includes('--repair'), timeoutMs, show: argv.includes('--show'), all: argv.includes('--all') };
+    process.stdout.write(`check-diff: seed ${runSeed}, cases ${from}..${from + count - 1}${o.repair ? ', with repairs' : ''}, ${lanes} lanes, mismatches in ${out}\n`);
+    const t: Tally = { cases: 0, mismatches: 0, known: new Map(), lines: [] };
+    const t0 = Date.now();
+    let next = from;
+    await Promise.all(
+      laneList.map(async (lane) => {
+        for (let i = next++; i < from + count; i = next++) await runCase(o, lane, i, t);
+      }),
+    );
+    const known = [...t.known].map(([k, n]) => `  ${n} x ${k}`).join('\n');
+    const summary = `seed ${runSeed}: ${t.cases} cases (${from}..${from + count - 1}) in ${((Date.now() - t0) / 1000).toFixed(0)} s, ${t.mismatches} with new mismatches${known ? `\nknown causes (not saved):\n${known}` : ''}\n`;
+    writeFileSync(join(out, `check-diff-${runSeed}.txt`), summary + t.lines.join('\n') + '\n');
+    process.stdout.write(summary);
+    if (t.mismatches) process.exitCode = 1;
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+main(process.argv.slice(2)).catch((err) => {
+  console.error(err);
+  process.exitCode = 2;
+});
