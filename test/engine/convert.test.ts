@@ -158,6 +158,47 @@ for (const t of [
   });
 }
 
+/** An image in memory whose async reads land late (like the thread pool's) and are counted until they do. */
+class SlowFile extends MemoryFile {
+  pending = 0;
+  async readAsync(buf: Uint8Array, pos: number): Promise<number> {
+    this.pending++;
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 30));
+      return this.read(buf, pos);
+    } finally {
+      this.pending--;
+    }
+  }
+}
+
+test('a damaged L2 entry met after a read has started: the read lands before convert rejects (no read on a closed file)', async () => {
+  // Guest cluster 0 is read on its own (cluster 1 is unallocated); the entry of cluster 3 is made
+  // unaligned, so the walk of the first chunk throws while cluster 0's read is still running.
+  const src = join(dir, 'late.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', src, '4M']);
+  mustQemuIo(['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', '-c', 'write -P 0x5b 128k 128k', src]);
+  const bytes = new Uint8Array(readFileSync(src));
+  const probe = Qcow2Image.open(new MemoryFile(bytes, 'late.qcow2', false), 'late.qcow2');
+  const l2 = entryOffset(u32(probe.l1, 0), u32(probe.l1, 4));
+  const at = l2 + 3 * 8 + 4;
+  const lo = u32(bytes, at) + 512;
+  bytes.set([lo >>> 24, (lo >>> 16) & 0xff, (lo >>> 8) & 0xff, lo & 0xff], at);
+  for (const outputFormat of ['raw', 'qcow2'] as const) {
+    const file = new SlowFile(bytes, 'late.qcow2', false);
+    const img = Qcow2Image.open(file, 'late.qcow2');
+    let err: unknown = null;
+    try {
+      await convertFrom(img, join(dir, `late-out${seq++}`), { outputFormat });
+    } catch (e) {
+      err = e;
+    }
+    assert.ok(err instanceof QimgError, `${outputFormat}: expected a QimgError, got ${String(err)}`);
+    assert.match((err as QimgError).message, /unaligned cluster offset/, outputFormat);
+    assert.is(file.pending, 0, `${outputFormat}: a read was still running when convert rejected`);
+  }
+});
+
 /** Guest offset -> host offset of a compressed cluster (the test source has a 64 KiB cluster size). */
 async function compressedHost(path: string, guest: number): Promise<number> {
   const img = (await openImage(path, { forceShare: true })) as Qcow2Image;
