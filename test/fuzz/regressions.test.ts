@@ -4,7 +4,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { mustQemuImg, mustQemuIo, qimg, tmpDir } from '../helpers.js';
+import { mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir } from '../helpers.js';
 import { putU32, putU64 } from './mutate.js';
 
 const dir = tmpDir('qimg-fuzz-reg-');
@@ -148,6 +148,73 @@ test('a snapshot L2 entry naming the active L1 table as data: snapshot -d refuse
   putU64(b, snL2 + 8, BigInt(l1));
   writeFileSync(path, b);
   refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${l1.toString(16)} holds the active L1 table but its refcount would drop to 0`));
+});
+
+// fuzz seed 120083328 cases 96, 680, 793: a damaged snapshot L2 entry naming a cluster that other
+// tables use, without its refcount counting it. Deleting the snapshot lowers that cluster once for
+// the damaged entry too, to 1 while a shared active L2 table still names it; qemu-img 7.2 then
+// sets OFLAG_COPIED on it (a guest write would change snapshot b's data in place), and qimg left
+// its flag clear, one qemu-img check error more. Now the delete is refused.
+
+/** 512-byte clusters: snapshot a, then 4k rewritten (the active tree copies L2 table 0), snapshot b. */
+function twoSnapshots(name: string, withB = true): { path: string; b: Uint8Array; aL2: number; activeL2: number; l2At200k: number } {
+  const path = image(name, 'cluster_size=512', '256k', ['write -P 0x71 0 8k', 'write -P 0x73 200k 1k'], 'a', ['write -P 0x74 4k 1k']);
+  if (withB) mustQemuImg(['snapshot', '-c', 'b', path]);
+  const b = new Uint8Array(readFileSync(path));
+  const l1 = u64(b, 40);
+  const aL2 = entryOff(b, u64(b, u64(b, 64))); // snapshot a is the table's first entry
+  const activeL2 = entryOff(b, l1);
+  assert.ok(aL2 !== activeL2, 'the write should have given the active tree its own L2 table 0');
+  return { path, b, aL2, activeL2, l2At200k: entryOff(b, l1 + 6 * 8) };
+}
+
+/** The damage is what qemu-img check sees as a refcount one below the references. */
+function assertUncounted(path: string): void {
+  assert.match(qemuImg(['check', path]).stderr, /ERROR cluster \d+ refcount=(\d+) reference=\d+/);
+}
+
+test('a snapshot L2 entry naming data of a table all trees share: snapshot -d refuses (case 96)', () => {
+  // l2 entry 9 of a's own table 0 -> the cluster at 200k, with the zero flag (an allocated zero cluster).
+  const { path, b, aL2, l2At200k } = twoSnapshots('uncounted-shared.qcow2');
+  const data = entryOff(b, l2At200k + 16 * 8);
+  putU64(b, aL2 + 9 * 8, BigInt(data) | 1n);
+  writeFileSync(path, b);
+  assertUncounted(path);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${data.toString(16)} is data of the active L2 table at 0x${l2At200k.toString(16)}, which 2 L1 tables share, but its refcount would be 1`));
+});
+
+test('a snapshot L2 entry naming data of its own table again: snapshot -d refuses (case 680)', () => {
+  // a's table 0 names the cluster of guest 1.5k twice (entries 3 and 8); the active copy of
+  // table 0, which the delete does not walk, still names it.
+  const { path, b, aL2, activeL2 } = twoSnapshots('uncounted-twice.qcow2');
+  const data = entryOff(b, aL2 + 3 * 8);
+  assert.is(entryOff(b, activeL2 + 3 * 8), data);
+  putU64(b, aL2 + 8 * 8, 0x8000000000000000n | BigInt(data));
+  writeFileSync(path, b);
+  assertUncounted(path);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${data.toString(16)} is data of the active L2 table at 0x${activeL2.toString(16)}, which 2 L1 tables share, but its refcount would be 1`));
+});
+
+test('an entry with reserved bits in an L2 table all trees share: snapshot -d refuses (case 793)', () => {
+  // entry 13 of the table for 192k..224k = guest 1.5k's cluster | 0x15b (bits 1-8 are reserved;
+  // with 512-byte clusters there are no offset bits below the cluster size to find it unaligned).
+  const { path, b, aL2, l2At200k } = twoSnapshots('uncounted-reserved.qcow2');
+  const data = entryOff(b, aL2 + 3 * 8);
+  putU64(b, l2At200k + 13 * 8, BigInt(data) | 0x15bn);
+  writeFileSync(path, b);
+  assertUncounted(path);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${data.toString(16)} is data of the active L2 table at 0x[0-9a-f]+, which 2 L1 tables share, but its refcount would be 1`));
+});
+
+test('a snapshot L2 entry naming data only the active tree still uses: snapshot -d refuses to free it', () => {
+  // As case 96 without snapshot b: the delete would take the cluster at 200k to refcount 0 while
+  // the active tree uses it (qemu-img 7.2 frees it; the next allocation would overwrite it).
+  const { path, b, aL2, l2At200k } = twoSnapshots('uncounted-freed.qcow2', false);
+  const data = entryOff(b, l2At200k + 16 * 8);
+  putU64(b, aL2 + 9 * 8, BigInt(data));
+  writeFileSync(path, b);
+  assertUncounted(path);
+  refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${data.toString(16)} is data of the active L2 table at 0x${l2At200k.toString(16)} but its refcount would be 0`));
 });
 
 test.run();

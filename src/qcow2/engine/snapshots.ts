@@ -40,20 +40,23 @@ function clusterLimit(w: ImageWriter): number {
  * `d` on every cluster each tree reaches (by its L1 table), applied to the in-memory refcounts
  * and checked. Returns the L2 tables whose data clusters all ended at refcount 1 — when no
  * cluster reached 0, so that those values are final (see ImageWriter.recomputeCopied).
+ * `frees.activeData`: the active tree stays, so its data must stay counted (a delete).
  */
 function changeTreeRefs(
   w: ImageWriter,
   trees: Array<[Uint8Array, number]>,
   also?: (e: RefcountEdit) => void,
-  frees: { allowed: string | null; activeL2: boolean } = { allowed: null, activeL2: false },
+  frees: { allowed: string | null; activeL2: boolean; activeData?: boolean } = { allowed: null, activeL2: false },
 ): Set<number> {
   const e = w.refs.edit();
   applyTreeRefs(w.img, trees, e, clusterLimit(w));
   const final = e.zeroCount === 0;
   also?.(e);
-  // A damaged entry can name metadata as a data cluster; dropping that reference must not free it.
+  // A damaged entry can name metadata, or data the active tree uses, as its own data cluster;
+  // dropping that reference must not free it, nor leave shared data counted as unshared.
   try {
     if (e.zeroCount) w.assertFreesNoMetadata(e.zeroClusters, frees.allowed, frees.activeL2);
+    if (frees.activeData) w.assertActiveDataCounted(!final);
   } catch (err) {
     e.cancel();
     throw err;
@@ -204,7 +207,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   // before anything is written; commit() writes decreases only after the header names the new
   // table, which is QEMU's order.
   assertTreeInFile(img, img.l1); // the OFLAG_COPIED pass at the end reads the active tree
-  const atOne = changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1), { allowed: `L1 table of snapshot ${sn.id}`, activeL2: false });
+  const atOne = changeTreeRefs(w, [[snL1, -1]], (e) => addL1Clusters(e, sn, img.clusterSize, -1), { allowed: `L1 table of snapshot ${sn.id}`, activeL2: false, activeData: true });
 
   const entries = img.snapshots.filter((s) => s !== sn);
   w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);

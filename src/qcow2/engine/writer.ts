@@ -147,6 +147,38 @@ export class ImageWriter {
   }
 
   /**
+   * Refuses refcounts (as they stand in memory, mid-edit) that the active tree contradicts: a
+   * data cluster named by a shared active L2 table is reached by every L1 table sharing it, so
+   * its refcount must be at least 2. A damaged snapshot entry naming such a cluster makes a
+   * delete lower it once more than its references drop: qemu-img 7.2 then sets OFLAG_COPIED on
+   * it while it is still shared (the next guest write would change a snapshot's data in place),
+   * and recomputeCopied does not look into shared tables. `unsharedToo` (some cluster reached 0):
+   * the unshared tables are read as well, and their data clusters must keep a refcount of 1.
+   */
+  assertActiveDataCounted(unsharedToo: boolean): void {
+    const { img, refs } = this;
+    const cs = this.clusterSize;
+    const shared = new Map<number, number>();
+    const tables: number[] = [];
+    for (let i = 0; i * 8 < img.l1.length; i++) {
+      const off = entryOffset(u32(img.l1, i * 8), u32(img.l1, i * 8 + 4));
+      if (off === 0) continue;
+      const rc = refs.get(off / cs);
+      if (rc >= 2) shared.set(off, rc);
+      if (rc >= 2 || unsharedToo) tables.push(off);
+    }
+    const ew = this.entryWidth();
+    forEachL2(img, tables, (off, table) => {
+      const sharers = shared.get(off);
+      const e = firstUncounted(table, refs, img.clusterBits, ew, sharers === undefined ? 1 : 2);
+      if (e < 0) return;
+      const data = entryOffset(u32(table, e * ew), u32(table, e * ew + 4));
+      const held = sharers === undefined ? `the active L2 table at ${hex(off)}` : `the active L2 table at ${hex(off)}, which ${sharers} L1 tables share,`;
+      throw new QimgError('CORRUPT', `'${img.filename}': cluster ${hex(data)} is data of ${held} but its refcount would be ${refs.get(Math.floor(data / cs))} (another table entry names it without counting it); the image is corrupt, run 'qimg check -r all'`);
+    });
+  }
+
+  /**
    * Refuses snapshot entries whose L1 table reaches past the end of the file or into other
    * metadata (an active L2 table included): a snapshot operation writes new tables into free
    * clusters, and such an entry would then read them as its own L1 entries.
@@ -1065,6 +1097,61 @@ function copiedFixes(table: Uint8Array, refs: Refcounts, cb: number, ew: number)
     changed = true;
   }
   return changed;
+}
+
+/**
+ * The first allocated, uncompressed entry of an L2 table whose cluster's refcount is below
+ * `need` (-1: none), for assertActiveDataCounted; 16-bit refcounts on a little-endian host take
+ * copiedFixes16's path.
+ */
+function firstUncounted(table: Uint8Array, refs: Refcounts, cb: number, ew: number, need: number): number {
+  const words = ints32(table);
+  if (words !== null && LITTLE_ENDIAN_HOST && refs.refcountOrder === 4) return firstUncounted16(words, refs, cb, ew >>> 2, need);
+  for (let e = 0; e < table.length; e += ew) {
+    const hi = u32(table, e);
+    if (hi & L.OFLAG_COMPRESSED_HI) continue;
+    const ci = Math.floor(entryOffset(hi, u32(table, e + 4)) / 2 ** cb);
+    if (ci !== 0 && refs.get(ci) < need) return e / ew;
+  }
+  return -1;
+}
+
+/** firstUncounted for 16-bit refcounts, written as copiedFixes16 (below) is. */
+function firstUncounted16(words: Int32Array, refs: Refcounts, cb: number, step: number, need: number): number {
+  const hiShift = 32 - cb;
+  const intHi = 2 ** (cb - 1);
+  const per = refs.perBlock;
+  const shift = Math.log2(per);
+  const mask = per - 1;
+  const COMPRESSED = L.OFLAG_COMPRESSED_HI;
+  const MASK_HI = L.OFFSET_MASK_HI;
+  const MASK_LO = L.OFFSET_MASK_LO;
+  let lastT = -1;
+  let m16: Uint16Array | null = null;
+  for (let w = 0; w < words.length; w += step) {
+    const a = words[w]!;
+    const b = words[w + 1]!;
+    if ((a | b) === 0) continue;
+    const hi = ((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24);
+    const lo = ((b & 0xff) << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24);
+    if (hi & COMPRESSED) continue;
+    const hiOff = hi & MASK_HI;
+    let rc: number;
+    if (hiOff < intHi) {
+      const ci = (hiOff << hiShift) | ((lo & MASK_LO) >>> cb);
+      if (ci === 0) continue;
+      const t = ci >>> shift;
+      if (t !== lastT) {
+        lastT = t;
+        const mem = refs.memOf(t);
+        m16 = mem ? new Uint16Array(mem.buffer, mem.byteOffset, mem.length >>> 1) : null;
+      }
+      const r = m16 !== null ? m16[ci & mask]! : 0;
+      rc = ((r & 0xff) << 8) | (r >>> 8);
+    } else rc = refs.get(Math.floor(entryOffset(hi >>> 0, lo >>> 0) / 2 ** cb)); // past 2^31 clusters
+    if (rc < need) return w / step;
+  }
+  return -1;
 }
 
 /** OFLAG_COPIED on every allocated, uncompressed entry (all their refcounts are known to be 1). */
