@@ -13,10 +13,15 @@ import { decodeBitmapDirectory } from '../format/bitmaps.js';
 import { u32 } from '../format/bytes.js';
 import { getRefcount as getRefcountStrict, maxRefcount, setRefcount } from '../format/refblock.js';
 import * as L from '../format/layout.js';
+import { osReason, type QimgError } from '../errors.js';
 import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
 import { rewriteSnapshotTable } from './snapshot-fix.js';
+
+/** QEMU's block layer: lengths are int64, and no image may exceed INT64_MAX rounded down to 1 GiB. */
+const INT64_MAX = 2n ** 63n - 1n;
+const MAX_IMAGE_LENGTH = INT64_MAX & ~(2n ** 30n - 1n);
 
 export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
@@ -1007,7 +1012,13 @@ export class CheckPass {
         const fixing = (this.fix & FIX_ERRORS) !== 0;
         this.msgs.push(`${fixing ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
         if (fixing) {
-          img.file.truncate(offset + cs);
+          const failed = this.growForRefblock(hi, lo, cs);
+          if (failed) {
+            // As QEMU: the corruption stays counted and the rebuild puts the block elsewhere.
+            this.rebuild = true;
+            this.msgs.push(`ERROR could not resize image: ${failed}`);
+            continue;
+          }
           this.fileLen = img.file.size();
           const newNb = Math.ceil(this.fileLen / cs);
           this.fileClusters = newNb;
@@ -1031,6 +1042,34 @@ export class CheckPass {
         }
       }
     }
+  }
+
+  /**
+   * Grows the file so a refcount block past its end (table entry hi:lo) is inside it, as QEMU's
+   * repair does. Returns the strerror() text of a refusal (after any message QEMU's block layer
+   * prints for it), or null when the file grew. The limits are QEMU's: offset + cluster size must
+   * fit in int64 (EINVAL) and not exceed its largest image length, INT64_MAX rounded down to
+   * 1 GiB (EIO); past 2^53 no host file system qimg runs on can grow that far (EFBIG).
+   */
+  private growForRefblock(hi: number, lo: number, cs: number): string | null {
+    const end = ((BigInt(hi) << 32n) | BigInt((lo & ~0x1ff) >>> 0)) + BigInt(cs);
+    if (end > INT64_MAX) return 'Invalid argument';
+    if (end > MAX_IMAGE_LENGTH) {
+      this.msgs.push(`${this.prog}: offset(${end}) exceeds maximum(${MAX_IMAGE_LENGTH})`);
+      return 'Input/output error';
+    }
+    let reason: string | null = null;
+    if (end > BigInt(Number.MAX_SAFE_INTEGER)) reason = osReason({ code: 'EFBIG' } as NodeJS.ErrnoException);
+    else {
+      try {
+        this.img.file.truncate(Number(end));
+      } catch (err) {
+        const errno = (err as QimgError).data?.errno;
+        reason = osReason({ code: typeof errno === 'string' ? errno : undefined, message: (err as Error).message } as NodeJS.ErrnoException);
+      }
+    }
+    if (reason !== null) this.msgs.push(`${this.prog}: Could not resize file: ${reason}`);
+    return reason;
   }
 
   // ---- stored refcounts -----------------------------------------------------------------------
