@@ -5,7 +5,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { same, scratch } from './cases.js';
-import { putU64 } from '../fuzz/mutate.js';
+import { putU32, putU64 } from '../fuzz/mutate.js';
 
 const base = scratch('repair-diff-base.qcow2');
 mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', base, '64M']);
@@ -37,6 +37,22 @@ test('refcount block past the end that the file cannot grow to reach', async () 
     await both(name, b, ['-r', 'all']);
     await both(name, b, ['-r', 'leaks']);
   }
+});
+
+// seed 1 case 17 (nb_snapshots = 65536; 300 is enough): nb_snapshots past the entries, with the table last in the file. The entries past the end
+// read as zeros (each one "incomplete", repaired); the table's clusters past the end are not
+// counted, so the rewritten table is allocated on top of the old one. QEMU's overlap check stops
+// there (image marked corrupt, exit 1); qimg wrote it, then freed the old table's clusters, which
+// were the new table's: 640 clusters in use with refcount 0.
+test('snapshot table rewrite landing on the old table past the end of the file', async () => {
+  const f = scratch('repair-diff-snap.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 8k', f]);
+  mustQemuImg(['snapshot', '-c', 's1', f]);
+  const b = new Uint8Array(readFileSync(f));
+  putU32(b, 60, 300);
+  await both('nb_snapshots 300', b, ['-r', 'all']);
+  await both('nb_snapshots 300', b, ['-r', 'leaks']);
 });
 
 test.run();

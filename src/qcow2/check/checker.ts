@@ -433,6 +433,13 @@ export class CheckPass {
     // are sound (the new table needs clusters allocated).
     if (snap.corruptions && this.fix & FIX_ERRORS) {
       const freed = rewriteSnapshotTable(this.img);
+      if (!Array.isArray(freed)) {
+        // The old table ran past the end of the file, so its clusters were free to allocate:
+        // QEMU's overlap check refuses the write, marks the image corrupt and stops the check.
+        this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${freed.overlap})`);
+        this.msgs.push('ERROR failed to update snapshot table: Input/output error');
+        throw new CheckAbort('Input/output error');
+      }
       this.fileLen = this.img.file.size();
       if (freed.length) this.discardClusters(freed);
       snap.corruptionsFixed += snap.corruptions;
@@ -1074,6 +1081,28 @@ export class CheckPass {
 
   // ---- stored refcounts -----------------------------------------------------------------------
 
+  /**
+   * qcow2_signal_corruption: the first event is reported; on a writable image it is fatal and
+   * marks the image corrupt (a successful repair clears the bit again). Later events are silent.
+   */
+  private signalCorruption(what: string): void {
+    if (this.signaled) return;
+    this.signaled = true;
+    const fatal = this.img.file.writable;
+    if (fatal) {
+      const f = new Uint8Array(1);
+      readAt(this.img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
+      f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
+      this.img.file.write(f, L.H_INCOMPATIBLE_FEATURES + 7);
+      this.img.file.flush();
+    }
+    this.msgs.push(
+      fatal
+        ? `qcow2: Marking image as corrupt: ${what}; further corruption events will be suppressed`
+        : `qcow2: Image is corrupt: ${what}; further non-fatal corruption events will be suppressed`,
+    );
+  }
+
   /** The refcount block for reftable index t: bytes, null (none: all zero) or 'err' (unaligned). */
   private refblock(t: number, cache: boolean): Uint8Array | null | 'err' {
     const img = this.img;
@@ -1083,24 +1112,7 @@ export class CheckPass {
     const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
     if (off === 0) return null;
     if (off % this.cs) {
-      if (!this.signaled) {
-        this.signaled = true;
-        const fatal = img.file.writable;
-        if (fatal) {
-          // QEMU marks a writable image corrupt on this event (a repair clears the bit again).
-          const f = new Uint8Array(1);
-          readAt(img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
-          f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
-          img.file.write(f, L.H_INCOMPATIBLE_FEATURES + 7);
-          img.file.flush();
-        }
-        const what = `Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`;
-        this.msgs.push(
-          fatal
-            ? `qcow2: Marking image as corrupt: ${what}; further corruption events will be suppressed`
-            : `qcow2: Image is corrupt: ${what}; further non-fatal corruption events will be suppressed`,
-        );
-      }
+      this.signalCorruption(`Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`);
       return 'err';
     }
     let b = this.blockCache.get(t);
