@@ -63,8 +63,10 @@ export interface Header {
    * unsupported when QEMU would open the image; the checker may accept exact table offsets.
    */
   wide?: WideFields;
-  /** An extension or backing file name error, thrown by validateHeader where QEMU meets it. */
+  /** An extension error, thrown by validateHeader where QEMU meets it. */
   deferred?: QimgError;
+  /** A backing file name error: QEMU reads the name after the extensions and the data file. */
+  deferredName?: QimgError;
 }
 
 export interface WideFields {
@@ -182,10 +184,16 @@ export function decodeHeader(buf: Uint8Array): Header {
   const extEnd = Math.min(h.backingFileOffset || clusterSize, buf.length);
   try {
     decodeExtensions(h, buf, headerLength, extEnd);
-    decodeBackingName(h, buf, clusterSize);
   } catch (err) {
     if (!(err instanceof QimgError)) throw err;
     h.deferred = err;
+    return h;
+  }
+  try {
+    decodeBackingName(h, buf, clusterSize);
+  } catch (err) {
+    if (!(err instanceof QimgError)) throw err;
+    h.deferredName = err;
   }
   return h;
 }
@@ -349,6 +357,11 @@ export function validateHeader(h: Header, fileSize: number, opts: ValidateOption
     throw new QimgError('UNSUPPORTED', `Unsupported encryption method ${h.cryptMethod | 0}`, { field: 'crypt_method' });
   }
   if (h.deferred) throw h.deferred;
+  // Then the data file: raw external data needs one.
+  if (hasAutoclear(h, L.AUTOCLEAR_DATA_FILE_RAW) && !hasIncompat(h, L.INCOMPAT_DATA_FILE)) {
+    throw new QimgError('BAD_IMAGE', 'data-file-raw requires a data file', { field: 'autoclear_features' });
+  }
+  if (h.deferredName) throw h.deferredName;
   // Opened by QEMU, but past what qimg represents exactly.
   if (size > INT64_MAX) throw new QimgError('BAD_IMAGE', 'Could not refresh total sector count: File too large', { field: 'size' });
   const unsupported: Array<[keyof WideFields, string, boolean]> = [
