@@ -59,6 +59,35 @@ test(`open-time faults: ${CASES.length} headers, human + json + -r all, same as 
   }
 });
 
+// seed 3268192428 case 486 and its neighbours: a LUKS image (header extensions: the crypto header
+// first) asks for its key at that extension, and AES or LUKS without the extension only after the
+// data file checks, all before the backing file name is read and the size is refused.
+test('encryption faults in QEMU order', async () => {
+  const luks = scratch('open-luks.qcow2');
+  mustQemuImg(['create', '-q', '--object', 'secret,id=sec0,data=abc', '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10', luks, '1M']);
+  const ext = readFileSync(luks).readUInt32BE(100); // header_length: the first extension
+  const noCryptoExt = (b: Uint8Array) => putU32(b, ext, 0x12345678);
+  const badName = (b: Uint8Array) => (putU64(b, 8, 0x800n), putU32(b, 16, 2000));
+  const cases: Array<[string, (b: Uint8Array) => void]> = [
+    ['LUKS: the key before the size', (b) => putU64(b, 24, 2n ** 64n - 1n)],
+    ['LUKS: the key before data-file-raw', (b) => putU64(b, 88, 2n)],
+    ['LUKS: the key before a later extension error', (b) => putU32(b, ext + 28, 0xfffff)],
+    ['crypto extension of the wrong size', (b) => putU32(b, ext + 4, 8)],
+    ['crypto extension without LUKS', (b) => putU32(b, 32, 0)],
+    ['LUKS without the crypto extension', noCryptoExt],
+    ['LUKS without the crypto extension, bad backing name', (b) => (noCryptoExt(b), badName(b))],
+    ['AES, bad backing name', (b) => (noCryptoExt(b), putU32(b, 32, 1), badName(b))],
+    ['AES after data-file-raw', (b) => (noCryptoExt(b), putU32(b, 32, 1), putU64(b, 88, 2n))],
+  ];
+  for (const [name, poke] of cases) {
+    const b = new Uint8Array(readFileSync(luks));
+    poke(b);
+    const f = scratch('open-case.qcow2');
+    writeFileSync(f, b);
+    same(await qimgCheck([f]), asQimg(qemuImg(['check', f])), name);
+  }
+});
+
 test('a backing file name is a C string: a leading NUL means no backing file', async () => {
   const top = scratch('nul-top.qcow2');
   mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'open-base.qcow2', '-F', 'qcow2', top, '64M']);

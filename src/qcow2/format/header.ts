@@ -254,7 +254,10 @@ function decodeKnownExtension(h: Header, type: number, data: Uint8Array): void {
       };
       break;
     case L.EXT_CRYPTO:
-      if (data.length !== L.CRYPTO_EXT_BYTES) throw new QimgError('BAD_IMAGE', 'Invalid encryption header extension length');
+      if (h.cryptMethod !== L.CRYPT_LUKS) throw new QimgError('BAD_IMAGE', 'CRYPTO header extension only expected with LUKS encryption method');
+      if (data.length !== L.CRYPTO_EXT_BYTES) {
+        throw new QimgError('BAD_IMAGE', `CRYPTO header extension size ${data.length}, but expected size ${L.CRYPTO_EXT_BYTES}`);
+      }
       h.crypto = { offset: u64(data, 0, 'crypto header offset'), length: u64(data, 8, 'crypto header length') };
       break;
     default:
@@ -291,6 +294,12 @@ export interface ValidateOptions {
    * exact (the checker reads such tables as zeros past the end of the file, as QEMU does).
    */
   check?: boolean;
+  /**
+   * Opened for I/O with no secret (as `check` is): an encrypted image is refused where QEMU's
+   * crypto layer asks for the key (LUKS: at its header extension; AES: after the extensions and
+   * the data file), and a LUKS image without its header extension where QEMU looks for one.
+   */
+  noSecrets?: boolean;
 }
 
 const INT64_MAX = 2n ** 63n - 1n;
@@ -356,10 +365,18 @@ export function validateHeader(h: Header, fileSize: number, opts: ValidateOption
     // QEMU prints the field as a signed int.
     throw new QimgError('UNSUPPORTED', `Unsupported encryption method ${h.cryptMethod | 0}`, { field: 'crypt_method' });
   }
-  if (h.deferred) throw h.deferred;
+  const needKey = () => new QimgError('UNSUPPORTED', "Parameter 'encrypt.key-secret' is required for cipher", { field: 'crypt_method' });
+  const luksOpened = opts.noSecrets && h.cryptMethod === L.CRYPT_LUKS && h.crypto !== null;
+  // Extensions in file order: a LUKS header extension before a faulty one has asked for its key.
+  if (h.deferred) throw luksOpened ? needKey() : h.deferred;
+  if (luksOpened) throw needKey();
   // Then the data file: raw external data needs one.
   if (hasAutoclear(h, L.AUTOCLEAR_DATA_FILE_RAW) && !hasIncompat(h, L.INCOMPAT_DATA_FILE)) {
     throw new QimgError('BAD_IMAGE', 'data-file-raw requires a data file', { field: 'autoclear_features' });
+  }
+  if (opts.noSecrets && h.cryptMethod === L.CRYPT_AES) throw needKey();
+  if (opts.noSecrets && h.cryptMethod === L.CRYPT_LUKS) {
+    throw new QimgError('BAD_IMAGE', `Missing CRYPTO header for crypt method ${L.CRYPT_LUKS}`, { field: 'crypt_method' });
   }
   if (h.deferredName) throw h.deferredName;
   // Opened by QEMU, but past what qimg represents exactly.
