@@ -88,6 +88,14 @@ test('encryption faults in QEMU order', async () => {
   }
 });
 
+// seed 3268192428 cases 120 and 585: the system's reason for a backing file that cannot be
+// opened, e.g. a name component past NAME_MAX, not always 'No such file or directory'.
+test('a backing file name too long for the file system', async () => {
+  const top = scratch('longname-top.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'x'.repeat(1000), '-F', 'qcow2', top, '64M']);
+  same(await qimgCheck([top]), asQimg(qemuImg(['check', top])), 'File name too long');
+});
+
 test('a backing file name is a C string: a leading NUL means no backing file', async () => {
   const top = scratch('nul-top.qcow2');
   mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'open-base.qcow2', '-F', 'qcow2', top, '64M']);
