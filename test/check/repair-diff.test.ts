@@ -1,6 +1,7 @@
 // qimg check -r against qemu-img check -r 7.2 on damage found by bench/check-diff.ts: each case
 // pokes a qemu-img-made image and needs the same output, exit code and repaired result.
 import { test } from 'uvu';
+import * as assert from 'uvu/assert';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
@@ -13,15 +14,20 @@ mustQemuIo(['-c', 'write -P 1 0 128k', base]);
 /** The refcount table's offset (header bytes 48..55; below 2^32 here). */
 const REFTABLE = readFileSync(base).readUInt32BE(52);
 
-/** The poked copy through both tools' `check ARGS` at one path, then qemu-img check of each result. */
-async function both(name: string, b: Uint8Array, args: string[]): Promise<void> {
+/**
+ * The poked copy through both tools' `check ARGS` at one path, then qemu-img check of each
+ * result; with `bytes`, the resulting files must be equal too.
+ */
+async function both(name: string, b: Uint8Array, args: string[], bytes = false): Promise<void> {
   const f = scratch('repair-diff-case.qcow2');
   writeFileSync(f, b);
   const want = asQimg(qemuImg(['check', ...args, f]));
   const theirs = qemuImg(['check', f]);
+  const theirBytes = readFileSync(f);
   writeFileSync(f, b);
   same(await qimgCheck([...args, f]), want, `${name} (${args.join(' ')})`);
   same(qemuImg(['check', f]), theirs, `${name}: qemu-img check after ${args.join(' ')}`);
+  if (bytes) assert.ok(readFileSync(f).equals(theirBytes), `${name}: file after ${args.join(' ')}`);
 }
 
 // seed 1 case 18: QEMU grows the file to take in a refcount block past its end; when it cannot,
@@ -53,6 +59,19 @@ test('snapshot table rewrite landing on the old table past the end of the file',
   putU32(b, 60, 300);
   await both('nb_snapshots 300', b, ['-r', 'all']);
   await both('nb_snapshots 300', b, ['-r', 'leaks']);
+});
+
+// seed 697317295 cases 2, 15, 46: a file cut short inside its refcount table. The refcount block
+// and the L1 table after it are past the end; the block is brought back by growing the file, but
+// the L1 table stays uncounted, so the rebuild's first free cluster is the L1 table's. QEMU's
+// overlap check refuses that write (image marked corrupt, exit 1); qimg wrote the refcount block
+// there, and the block's bytes then read as L1 entries (errors doubled after the repair).
+test('refcount rebuild landing on an L1 table past the end of the file', async () => {
+  const f = scratch('repair-diff-cut.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '1M']);
+  const b = new Uint8Array(readFileSync(f)).subarray(0, 0x1dea); // header, most of the refcount table
+  await both('cut inside the refcount table', b, ['-r', 'all']);
+  await both('cut inside the refcount table', b, ['-r', 'leaks']);
 });
 
 test.run();

@@ -17,7 +17,7 @@ import { osReason, type QimgError } from '../errors.js';
 import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
-import { rewriteSnapshotTable } from './snapshot-fix.js';
+import { metadataOverlap, rewriteSnapshotTable } from './snapshot-fix.js';
 
 /** QEMU's block layer: lengths are int64, and no image may exceed INT64_MAX rounded down to 1 GiB. */
 const INT64_MAX = 2n ** 63n - 1n;
@@ -436,9 +436,7 @@ export class CheckPass {
       if (!Array.isArray(freed)) {
         // The old table ran past the end of the file, so its clusters were free to allocate:
         // QEMU's overlap check refuses the write, marks the image corrupt and stops the check.
-        this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${freed.overlap})`);
-        this.msgs.push('ERROR failed to update snapshot table: Input/output error');
-        throw new CheckAbort('Input/output error');
+        this.refuseWrite(freed.overlap, 'ERROR failed to update snapshot table: Input/output error');
       }
       this.fileLen = this.img.file.size();
       if (freed.length) this.discardClusters(freed);
@@ -1103,6 +1101,22 @@ export class CheckPass {
     );
   }
 
+  /**
+   * QEMU's pre-write overlap check refusing a repair write onto `overlap`: the image is marked
+   * corrupt, `msg` says which write failed, and the check fails.
+   */
+  private refuseWrite(overlap: string, msg: string): never {
+    this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${overlap})`);
+    this.msgs.push(msg);
+    throw new CheckAbort('Input/output error');
+  }
+
+  /** Before a rebuild writes a refcount block or table: metadata it could not count may be there. */
+  private checkRebuildWrite(offset: number, size: number, what: 'refblock' | 'reftable'): void {
+    const overlap = metadataOverlap(this.img, offset, size);
+    if (overlap) this.refuseWrite(overlap, `${this.prog}: ERROR writing ${what}: Input/output error`);
+  }
+
   /** The refcount block for reftable index t: bytes, null (none: all zero) or 'err' (unaligned). */
   private refblock(t: number, cache: boolean): Uint8Array | null | 'err' {
     const img = this.img;
@@ -1438,6 +1452,7 @@ export class CheckPass {
       table[i * 8 + 6] = (lo >>> 8) & 0xff;
       table[i * 8 + 7] = lo & 0xff;
     }
+    this.checkRebuildWrite(reftableOffset, table.length, 'reftable');
     img.file.write(table, reftableOffset);
     img.file.flush();
     const hdr = new Uint8Array(12);
@@ -1513,6 +1528,7 @@ export class CheckPass {
         const v = a[start + i] ?? 0;
         if (v) setRefcount(block, i, order, v);
       }
+      this.checkRebuildWrite(off, cs, 'refblock');
       img.file.write(block, off);
       cluster = start + per - 1;
     }
