@@ -74,4 +74,32 @@ test('refcount rebuild landing on an L1 table past the end of the file', async (
   await both('cut inside the refcount table', b, ['-r', 'leaks']);
 });
 
+// seed 697317295 case 46 (a v2 image): the same refused write. A v2 header has no feature bits, so
+// QEMU marks nothing on disk; qimg set the corrupt bit anyway, in byte 79, which on v2 is already
+// past the header (the first header extension's bytes).
+test('a refused repair write on a v2 image leaves the header as it was', async () => {
+  const f = scratch('repair-diff-cut-v2.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=4096', f, '1M']);
+  const b = new Uint8Array(readFileSync(f)).subarray(0, 0x1dea);
+  await both('v2, cut inside the refcount table', b, ['-r', 'all'], true);
+});
+
+// Found with the case above: after any successful repair qimg cleared the dirty and corrupt bits
+// in byte 79 on v2 images too, where it is the low byte of the first extension's length: a
+// backing format 'qcow2' (length 5) became 'qcow'.
+test('a repair of a v2 image leaves its header extensions alone', async () => {
+  const base = scratch('repair-diff-v2-base.qcow2');
+  const top = scratch('repair-diff-v2-top.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', base, '1M']);
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', 'repair-diff-v2-base.qcow2', '-F', 'qcow2', top, '1M']);
+  const b = new Uint8Array(readFileSync(top).length + 0x10000);
+  b.set(readFileSync(top));
+  // A leak: refcount 1 on the appended cluster (16-bit refcounts; the refcount block is named
+  // by the first refcount table entry).
+  const dv = new DataView(b.buffer);
+  const rb = dv.getUint32(Number(dv.getBigUint64(48)) + 4);
+  dv.setUint16(rb + 2 * (b.length / 0x10000 - 1), 1);
+  await both('v2 with a backing format, a leak', b, ['-r', 'leaks'], true);
+});
+
 test.run();

@@ -1081,13 +1081,14 @@ export class CheckPass {
 
   /**
    * qcow2_signal_corruption: the first event is reported; on a writable image it is fatal and
-   * marks the image corrupt (a successful repair clears the bit again). Later events are silent.
+   * marks a v3 image corrupt (a successful repair clears the bit again). Later events are silent.
    */
   private signalCorruption(what: string): void {
     if (this.signaled) return;
     this.signaled = true;
     const fatal = this.img.file.writable;
-    if (fatal) {
+    // Version 2 headers have no feature bits: QEMU marks nothing on disk there.
+    if (fatal && this.img.header.version >= 3) {
       const f = new Uint8Array(1);
       readAt(this.img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
       f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
@@ -1539,6 +1540,8 @@ export class CheckPass {
 
   private markCleanAndConsistent(): void {
     const img = this.img;
+    // Version 2 has no feature bits: bytes 72-79 there belong to the first header extension.
+    if (img.header.version < 3) return;
     const buf = new Uint8Array(8);
     readAt(img.file, buf, L.H_INCOMPATIBLE_FEATURES);
     const low = buf[7]!;
