@@ -432,14 +432,15 @@ export class CheckPass {
     // qcow2_check_fix_snapshot_table: entries read leniently are written back once the refcounts
     // are sound (the new table needs clusters allocated).
     if (snap.corruptions && this.fix & FIX_ERRORS) {
-      const freed = rewriteSnapshotTable(this.img);
-      if (!Array.isArray(freed)) {
+      const rewritten = rewriteSnapshotTable(this.img);
+      if ('overlap' in rewritten) {
         // The old table ran past the end of the file, so its clusters were free to allocate:
         // QEMU's overlap check refuses the write, marks the image corrupt and stops the check.
-        this.refuseWrite(freed.overlap, 'ERROR failed to update snapshot table: Input/output error');
+        this.refuseWrite(rewritten.overlap, 'ERROR failed to update snapshot table: Input/output error');
       }
+      if (rewritten.freeFailed) this.msgs.push('qcow2_free_clusters failed: Invalid argument');
       this.fileLen = this.img.file.size();
-      if (freed.length) this.discardClusters(freed);
+      if (rewritten.freed.length) this.discardClusters(rewritten.freed);
       snap.corruptionsFixed += snap.corruptions;
       snap.corruptions = 0;
     }

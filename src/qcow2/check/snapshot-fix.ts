@@ -79,7 +79,8 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
 
 /**
  * Writes the in-memory snapshot table to new clusters and points the header at it. Returns the
- * clusters of the old table whose refcount reached 0 (to be discarded by the caller), or, when
+ * clusters of the old table whose refcount reached 0 (to be discarded by the caller) and whether
+ * freeing the old table was refused (nothing freed then), or, when
  * the new clusters overlap metadata (see metadataOverlap), that metadata's name: nothing but the
  * new clusters' refcounts has been written then, as in QEMU, whose overlap check stops the write.
  *
@@ -87,7 +88,7 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
  * bytes (nb_snapshots + snapshots_offset) in one write, flush; only then the old table's refcounts
  * down. A crash before the header write leaks the new clusters; after it, the old ones.
  */
-export function rewriteSnapshotTable(img: CheckImage): number[] | { overlap: string } {
+export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFailed: boolean } | { overlap: string } {
   const cs = img.clusterSize;
   const table = encodeRepairedTable(img.snapshots, Math.floor(img.header.size / 512) * 512);
   const refs = new Refcounts(img.file, img.clusterBits, img.refcountOrder, img.reftableOffset, img.reftableClusters);
@@ -120,14 +121,17 @@ export function rewriteSnapshotTable(img: CheckImage): number[] | { overlap: str
   dv.setUint32(8, newOffset % TWO32);
   img.file.write(hdr, L.H_NB_SNAPSHOTS);
   img.file.flush();
-  // Free the old table (clusters the refcounts do not count, e.g. past the end of the file, stay).
+  // Free the old table, all or nothing as QEMU's update_refcount: when one of its clusters is
+  // already at 0 (the refcount pass did not count a table running past the end of the file), the
+  // others' refcounts are some other structure's references, and none is dropped.
   const freed: number[] = [];
+  let freeFailed = false;
   const oldOffset = img.header.snapshotsOffset;
   if (img.snapshotsSize > 0) {
     const first = Math.floor(oldOffset / cs);
     const last = Math.floor((oldOffset + img.snapshotsSize - 1) / cs);
-    for (let ci = first; ci <= last; ci++) {
-      if (refs.get(ci) <= 0) continue;
+    for (let ci = first; ci <= last && !freeFailed; ci++) freeFailed = refs.get(ci) <= 0;
+    for (let ci = first; ci <= last && !freeFailed; ci++) {
       refs.add(ci, -1);
       if (refs.get(ci) === 0) freed.push(ci);
     }
@@ -137,5 +141,5 @@ export function rewriteSnapshotTable(img: CheckImage): number[] | { overlap: str
   img.header.nbSnapshots = img.snapshots.length;
   img.header.snapshotsOffset = newOffset;
   img.snapshotsSize = table.length;
-  return freed;
+  return { freed, freeFailed };
 }
