@@ -3,7 +3,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
+import { QIMG_BIN, mustQemuImg, mustQemuIo, qemuImg, run } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { same, scratch } from './cases.js';
 import { putU32, putU64 } from '../fuzz/mutate.js';
@@ -123,6 +123,24 @@ test('freeing an old snapshot table that was never counted', async () => {
   for (const l1 of [q(sn), q(40)]) dv.setBigUint64(q(l1) + 8 * ((16 << 20) / 65536), 0n);
   dv.setUint32(sn + 36, 0x1f0000); // extra_data_size of entry 0
   await both('extra data past the end of the file', b, ['-r', 'all'], true);
+});
+
+// seed 697317295 case 327: nb_snapshots = 0x7fffffff. -r all cuts it to 65536 entries and writes
+// a ~4 MiB table: 1024 clusters of 4 KiB, past the end of the file where no refcount block exists
+// yet, while one block (64-bit refcounts) covers 512. The allocator made each missing block
+// describe itself at its range's first cluster, which cut every candidate run: it never found
+// one, creating blocks until memory ran out. (QEMU then refuses the write: the new table would
+// lie on the old one, which runs past the end of the file.)
+test('a snapshot table rewrite needing more clusters than one refcount block covers', async () => {
+  const f = scratch('repair-diff-rc64.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,refcount_bits=64', f, '1M']);
+  mustQemuImg(['snapshot', '-c', 's1', f]);
+  const b = new Uint8Array(readFileSync(f));
+  putU32(b, 60, 0x7fffffff);
+  writeFileSync(f, b);
+  const want = asQimg(qemuImg(['check', '-r', 'all', f]));
+  writeFileSync(f, b);
+  same(run('timeout', ['20', QIMG_BIN, 'check', '-r', 'all', f]), want, 'nb_snapshots 0x7fffffff (-r all)');
 });
 
 test.run();
