@@ -58,11 +58,13 @@ function exec(cmd: string, args: string[], timeoutMs: number): Promise<Out> {
     let stdout = '';
     let stderr = '';
     // latin1: one char per byte, so the comparison is byte for byte (names need not be UTF-8).
+    // Kept to exactly the first 4 MiB: cutting at a chunk boundary made long equal outputs differ.
+    const CAP = 1 << 22;
     child.stdout.setEncoding('latin1').on('data', (d: string) => {
-      if (stdout.length < 1 << 22) stdout += d;
+      if (stdout.length < CAP) stdout = (stdout + d).slice(0, CAP);
     });
     child.stderr.setEncoding('latin1').on('data', (d: string) => {
-      if (stderr.length < 1 << 22) stderr += d;
+      if (stderr.length < CAP) stderr = (stderr + d).slice(0, CAP);
     });
     child.on('error', (err) => resolve({ status: -1, stdout, stderr: stderr + String(err), timedOut: false, signal: null }));
     child.on('close', (code, signal) => {
