@@ -37,6 +37,7 @@ const CASES: Array<[string, (b: Uint8Array) => void]> = [
   ['data-file-raw without a data file', (b) => putU64(b, 88, 2n)],
   ['data-file-raw after an extension error', (b) => (putU64(b, 88, 2n), putU32(b, 116, 0xfffff))],
   ['data-file-raw before a backing name error', (b) => (putU64(b, 88, 2n), putU64(b, 8, 0x200n), putU32(b, 16, 2000))],
+  ['size not a multiple of 512: total clusters of whole sectors', (b) => putU64(b, 24, 0x10064n)],
   ['version 0 probes as raw', (b) => putU32(b, 4, 0)],
   ['version 1 is the old qcow format', (b) => putU32(b, 4, 1)],
   ['version 1 with a plausible qcow header', (b) => (putU32(b, 4, 1), (b[32] = 12), (b[33] = 9), putU32(b, 36, 0))],

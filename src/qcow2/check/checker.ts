@@ -454,7 +454,8 @@ export class CheckPass {
 
   private checkRefcounts(): void {
     const img = this.img;
-    this.res.totalClusters = Math.ceil(img.header.size / this.cs);
+    // QEMU counts the clusters of the image's whole sectors (a size's last partial sector is lost).
+    this.res.totalClusters = Math.ceil((Math.floor(img.header.size / 512) * 512) / this.cs);
     const recordCopied = this.fix === 0 && !this.opts.exact;
     if (recordCopied) this.loadStoredOnes();
     this.calculate(recordCopied);
