@@ -438,7 +438,7 @@ export class CheckPass {
         // QEMU's overlap check refuses the write, marks the image corrupt and stops the check.
         this.refuseWrite(rewritten.overlap, 'ERROR failed to update snapshot table: Input/output error');
       }
-      if (rewritten.freeFailed) this.msgs.push('qcow2_free_clusters failed: Invalid argument');
+      if (rewritten.freeFailed) this.msgs.push(`qcow2_free_clusters failed: ${rewritten.freeFailed}`);
       this.fileLen = this.img.file.size();
       if (rewritten.freed.length) this.discardClusters(rewritten.freed);
       snap.corruptionsFixed += snap.corruptions;

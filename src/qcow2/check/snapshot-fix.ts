@@ -79,8 +79,8 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
 
 /**
  * Writes the in-memory snapshot table to new clusters and points the header at it. Returns the
- * clusters of the old table whose refcount reached 0 (to be discarded by the caller) and whether
- * freeing the old table was refused (nothing freed then), or, when
+ * clusters of the old table whose refcount reached 0 (to be discarded by the caller) and why
+ * freeing the old table was refused (strerror text; nothing freed then), or, when
  * the new clusters overlap metadata (see metadataOverlap), that metadata's name: nothing but the
  * new clusters' refcounts has been written then, as in QEMU, whose overlap check stops the write.
  *
@@ -88,7 +88,7 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
  * bytes (nb_snapshots + snapshots_offset) in one write, flush; only then the old table's refcounts
  * down. A crash before the header write leaks the new clusters; after it, the old ones.
  */
-export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFailed: boolean } | { overlap: string } {
+export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFailed: string | null } | { overlap: string } {
   const cs = img.clusterSize;
   const table = encodeRepairedTable(img.snapshots, Math.floor(img.header.size / 512) * 512);
   const refs = new Refcounts(img.file, img.clusterBits, img.refcountOrder, img.reftableOffset, img.reftableClusters);
@@ -124,13 +124,18 @@ export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFa
   // Free the old table, all or nothing as QEMU's update_refcount: when one of its clusters is
   // already at 0 (the refcount pass did not count a table running past the end of the file), the
   // others' refcounts are some other structure's references, and none is dropped.
+  // QEMU meets the clusters in order: one without a refcount block fails with EAGAIN (after QEMU
+  // has created that block: qimg does not, the file stays as it was), one at 0 with EINVAL.
   const freed: number[] = [];
-  let freeFailed = false;
+  let freeFailed: string | null = null;
   const oldOffset = img.header.snapshotsOffset;
   if (img.snapshotsSize > 0) {
     const first = Math.floor(oldOffset / cs);
     const last = Math.floor((oldOffset + img.snapshotsSize - 1) / cs);
-    for (let ci = first; ci <= last && !freeFailed; ci++) freeFailed = refs.get(ci) <= 0;
+    for (let ci = first; ci <= last && !freeFailed; ci++) {
+      if (!refs.covers(ci)) freeFailed = 'Resource temporarily unavailable';
+      else if (refs.get(ci) <= 0) freeFailed = 'Invalid argument';
+    }
     for (let ci = first; ci <= last && !freeFailed; ci++) {
       refs.add(ci, -1);
       if (refs.get(ci) === 0) freed.push(ci);

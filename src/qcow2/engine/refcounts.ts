@@ -114,6 +114,11 @@ export class Refcounts {
     return off;
   }
 
+  /** Whether a refcount block covers cluster ci (a missing one reads as all zeros). */
+  covers(ci: number): boolean {
+    return this.block(Math.floor(ci / this.perBlock)) !== null;
+  }
+
   private block(t: number): Block | null {
     const b = this.blocks.get(t);
     if (b) return b;
