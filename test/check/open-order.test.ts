@@ -97,6 +97,20 @@ test('a backing file name too long for the file system', async () => {
   same(await qimgCheck([top]), asQimg(qemuImg(['check', top])), 'File name too long');
 });
 
+// seed 697317295 case 152: a file cut inside its header. QEMU reads zeros past the end, so the
+// fields there are zero (a v3 header_length of 0 is too short), not 'not in qcow2 format'.
+test('a file shorter than its header', async () => {
+  for (const compat of ['0.10', '1.1']) {
+    const full = scratch(`short-${compat}.qcow2`);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', `compat=${compat}`, full, '1M']);
+    for (const n of [20, 48, 71, 100]) {
+      const f = scratch('short-case.qcow2');
+      writeFileSync(f, readFileSync(full).subarray(0, n));
+      same(await qimgCheck([f]), asQimg(qemuImg(['check', f])), `compat=${compat}, ${n} bytes`);
+    }
+  }
+});
+
 test('a backing file name is a C string: a leading NUL means no backing file', async () => {
   const top = scratch('nul-top.qcow2');
   mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'open-base.qcow2', '-F', 'qcow2', top, '64M']);

@@ -99,6 +99,12 @@ export function isQcow2(buf: Uint8Array): boolean {
  * Throws BAD_IMAGE / UNSUPPORTED with QEMU's wording for what it refuses on open.
  */
 export function decodeHeader(buf: Uint8Array): Header {
+  if (buf.length >= 8 && buf.length < L.V3_MIN_HEADER_LENGTH) {
+    // A file shorter than the header: QEMU reads zeros past its end.
+    const padded = new Uint8Array(L.V3_MIN_HEADER_LENGTH);
+    padded.set(buf);
+    buf = padded;
+  }
   if (buf.length < L.V2_HEADER_LENGTH || u32(buf, L.H_MAGIC) !== L.QCOW_MAGIC) {
     throw new QimgError('BAD_IMAGE', 'Image is not in qcow2 format');
   }
