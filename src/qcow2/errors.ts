@@ -57,6 +57,8 @@ export function osReason(e: NodeJS.ErrnoException | undefined): string {
       return 'Too many levels of symbolic links';
     case 'ENOTDIR':
       return 'Not a directory';
+    case 'ENAMETOOLONG':
+      return 'File name too long';
     case 'EIO':
       return 'Input/output error';
     default:

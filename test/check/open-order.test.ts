@@ -34,6 +34,10 @@ const CASES: Array<[string, (b: Uint8Array) => void]> = [
   ['header extension too large', (b) => putU32(b, 116, 0xfffff)],
   ['end marker with a length', (b) => (putU32(b, 112, 0), putU32(b, 116, 0x100000))],
   ['extension error after the L1 checks', (b) => (putU32(b, 116, 0xfffff), putU64(b, 24, 1n << 40n))],
+  ['data-file-raw without a data file', (b) => putU64(b, 88, 2n)],
+  ['data-file-raw after an extension error', (b) => (putU64(b, 88, 2n), putU32(b, 116, 0xfffff))],
+  ['data-file-raw before a backing name error', (b) => (putU64(b, 88, 2n), putU64(b, 8, 0x200n), putU32(b, 16, 2000))],
+  ['size not a multiple of 512: total clusters of whole sectors', (b) => putU64(b, 24, 0x10064n)],
   ['version 0 probes as raw', (b) => putU32(b, 4, 0)],
   ['version 1 is the old qcow format', (b) => putU32(b, 4, 1)],
   ['version 1 with a plausible qcow header', (b) => (putU32(b, 4, 1), (b[32] = 12), (b[33] = 9), putU32(b, 36, 0))],
@@ -53,6 +57,57 @@ test(`open-time faults: ${CASES.length} headers, human + json + -r all, same as 
     const want = asQimg(qemuImg(['check', '-r', 'all', f]));
     writeFileSync(f, b);
     same(await qimgCheck(['-r', 'all', f]), want, `${name} (-r all)`);
+  }
+});
+
+// seed 3268192428 case 486 and its neighbours: a LUKS image (header extensions: the crypto header
+// first) asks for its key at that extension, and AES or LUKS without the extension only after the
+// data file checks, all before the backing file name is read and the size is refused.
+test('encryption faults in QEMU order', async () => {
+  const luks = scratch('open-luks.qcow2');
+  mustQemuImg(['create', '-q', '--object', 'secret,id=sec0,data=abc', '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10', luks, '1M']);
+  const ext = readFileSync(luks).readUInt32BE(100); // header_length: the first extension
+  const noCryptoExt = (b: Uint8Array) => putU32(b, ext, 0x12345678);
+  const badName = (b: Uint8Array) => (putU64(b, 8, 0x800n), putU32(b, 16, 2000));
+  const cases: Array<[string, (b: Uint8Array) => void]> = [
+    ['LUKS: the key before the size', (b) => putU64(b, 24, 2n ** 64n - 1n)],
+    ['LUKS: the key before data-file-raw', (b) => putU64(b, 88, 2n)],
+    ['LUKS: the key before a later extension error', (b) => putU32(b, ext + 28, 0xfffff)],
+    ['crypto extension of the wrong size', (b) => putU32(b, ext + 4, 8)],
+    ['crypto extension without LUKS', (b) => putU32(b, 32, 0)],
+    ['LUKS without the crypto extension', noCryptoExt],
+    ['LUKS without the crypto extension, bad backing name', (b) => (noCryptoExt(b), badName(b))],
+    ['AES, bad backing name', (b) => (noCryptoExt(b), putU32(b, 32, 1), badName(b))],
+    ['AES after data-file-raw', (b) => (noCryptoExt(b), putU32(b, 32, 1), putU64(b, 88, 2n))],
+  ];
+  for (const [name, poke] of cases) {
+    const b = new Uint8Array(readFileSync(luks));
+    poke(b);
+    const f = scratch('open-case.qcow2');
+    writeFileSync(f, b);
+    same(await qimgCheck([f]), asQimg(qemuImg(['check', f])), name);
+  }
+});
+
+// seed 3268192428 cases 120 and 585: the system's reason for a backing file that cannot be
+// opened, e.g. a name component past NAME_MAX, not always 'No such file or directory'.
+test('a backing file name too long for the file system', async () => {
+  const top = scratch('longname-top.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'x'.repeat(1000), '-F', 'qcow2', top, '64M']);
+  same(await qimgCheck([top]), asQimg(qemuImg(['check', top])), 'File name too long');
+});
+
+// seed 697317295 case 152: a file cut inside its header. QEMU reads zeros past the end, so the
+// fields there are zero (a v3 header_length of 0 is too short), not 'not in qcow2 format'.
+test('a file shorter than its header', async () => {
+  for (const compat of ['0.10', '1.1']) {
+    const full = scratch(`short-${compat}.qcow2`);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', `compat=${compat}`, full, '1M']);
+    for (const n of [20, 48, 71, 100]) {
+      const f = scratch('short-case.qcow2');
+      writeFileSync(f, readFileSync(full).subarray(0, n));
+      same(await qimgCheck([f]), asQimg(qemuImg(['check', f])), `compat=${compat}, ${n} bytes`);
+    }
   }
 });
 

@@ -13,10 +13,15 @@ import { decodeBitmapDirectory } from '../format/bitmaps.js';
 import { u32 } from '../format/bytes.js';
 import { getRefcount as getRefcountStrict, maxRefcount, setRefcount } from '../format/refblock.js';
 import * as L from '../format/layout.js';
+import { osReason, type QimgError } from '../errors.js';
 import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
-import { rewriteSnapshotTable } from './snapshot-fix.js';
+import { metadataOverlap, rewriteSnapshotTable } from './snapshot-fix.js';
+
+/** QEMU's block layer: lengths are int64, and no image may exceed INT64_MAX rounded down to 1 GiB. */
+const INT64_MAX = 2n ** 63n - 1n;
+const MAX_IMAGE_LENGTH = INT64_MAX & ~(2n ** 30n - 1n);
 
 export const FIX_LEAKS = 1;
 export const FIX_ERRORS = 2;
@@ -427,9 +432,15 @@ export class CheckPass {
     // qcow2_check_fix_snapshot_table: entries read leniently are written back once the refcounts
     // are sound (the new table needs clusters allocated).
     if (snap.corruptions && this.fix & FIX_ERRORS) {
-      const freed = rewriteSnapshotTable(this.img);
+      const rewritten = rewriteSnapshotTable(this.img);
+      if ('overlap' in rewritten) {
+        // The old table ran past the end of the file, so its clusters were free to allocate:
+        // QEMU's overlap check refuses the write, marks the image corrupt and stops the check.
+        this.refuseWrite(rewritten.overlap, 'ERROR failed to update snapshot table: Input/output error');
+      }
+      if (rewritten.freeFailed) this.msgs.push(`qcow2_free_clusters failed: ${rewritten.freeFailed}`);
       this.fileLen = this.img.file.size();
-      if (freed.length) this.discardClusters(freed);
+      if (rewritten.freed.length) this.discardClusters(rewritten.freed);
       snap.corruptionsFixed += snap.corruptions;
       snap.corruptions = 0;
     }
@@ -443,7 +454,8 @@ export class CheckPass {
 
   private checkRefcounts(): void {
     const img = this.img;
-    this.res.totalClusters = Math.ceil(img.header.size / this.cs);
+    // QEMU counts the clusters of the image's whole sectors (a size's last partial sector is lost).
+    this.res.totalClusters = Math.ceil((Math.floor(img.header.size / 512) * 512) / this.cs);
     const recordCopied = this.fix === 0 && !this.opts.exact;
     if (recordCopied) this.loadStoredOnes();
     this.calculate(recordCopied);
@@ -1007,7 +1019,13 @@ export class CheckPass {
         const fixing = (this.fix & FIX_ERRORS) !== 0;
         this.msgs.push(`${fixing ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
         if (fixing) {
-          img.file.truncate(offset + cs);
+          const failed = this.growForRefblock(hi, lo, cs);
+          if (failed) {
+            // As QEMU: the corruption stays counted and the rebuild puts the block elsewhere.
+            this.rebuild = true;
+            this.msgs.push(`ERROR could not resize image: ${failed}`);
+            continue;
+          }
           this.fileLen = img.file.size();
           const newNb = Math.ceil(this.fileLen / cs);
           this.fileClusters = newNb;
@@ -1033,7 +1051,74 @@ export class CheckPass {
     }
   }
 
+  /**
+   * Grows the file so a refcount block past its end (table entry hi:lo) is inside it, as QEMU's
+   * repair does. Returns the strerror() text of a refusal (after any message QEMU's block layer
+   * prints for it), or null when the file grew. The limits are QEMU's: offset + cluster size must
+   * fit in int64 (EINVAL) and not exceed its largest image length, INT64_MAX rounded down to
+   * 1 GiB (EIO); past 2^53 no host file system qimg runs on can grow that far (EFBIG).
+   */
+  private growForRefblock(hi: number, lo: number, cs: number): string | null {
+    const end = ((BigInt(hi) << 32n) | BigInt((lo & ~0x1ff) >>> 0)) + BigInt(cs);
+    if (end > INT64_MAX) return 'Invalid argument';
+    if (end > MAX_IMAGE_LENGTH) {
+      this.msgs.push(`${this.prog}: offset(${end}) exceeds maximum(${MAX_IMAGE_LENGTH})`);
+      return 'Input/output error';
+    }
+    let reason: string | null = null;
+    if (end > BigInt(Number.MAX_SAFE_INTEGER)) reason = osReason({ code: 'EFBIG' } as NodeJS.ErrnoException);
+    else {
+      try {
+        this.img.file.truncate(Number(end));
+      } catch (err) {
+        const errno = (err as QimgError).data?.errno;
+        reason = osReason({ code: typeof errno === 'string' ? errno : undefined, message: (err as Error).message } as NodeJS.ErrnoException);
+      }
+    }
+    if (reason !== null) this.msgs.push(`${this.prog}: Could not resize file: ${reason}`);
+    return reason;
+  }
+
   // ---- stored refcounts -----------------------------------------------------------------------
+
+  /**
+   * qcow2_signal_corruption: the first event is reported; on a writable image it is fatal and
+   * marks a v3 image corrupt (a successful repair clears the bit again). Later events are silent.
+   */
+  private signalCorruption(what: string): void {
+    if (this.signaled) return;
+    this.signaled = true;
+    const fatal = this.img.file.writable;
+    // Version 2 headers have no feature bits: QEMU marks nothing on disk there.
+    if (fatal && this.img.header.version >= 3) {
+      const f = new Uint8Array(1);
+      readAt(this.img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
+      f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
+      this.img.file.write(f, L.H_INCOMPATIBLE_FEATURES + 7);
+      this.img.file.flush();
+    }
+    this.msgs.push(
+      fatal
+        ? `qcow2: Marking image as corrupt: ${what}; further corruption events will be suppressed`
+        : `qcow2: Image is corrupt: ${what}; further non-fatal corruption events will be suppressed`,
+    );
+  }
+
+  /**
+   * QEMU's pre-write overlap check refusing a repair write onto `overlap`: the image is marked
+   * corrupt, `msg` says which write failed, and the check fails.
+   */
+  private refuseWrite(overlap: string, msg: string): never {
+    this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${overlap})`);
+    this.msgs.push(msg);
+    throw new CheckAbort('Input/output error');
+  }
+
+  /** Before a rebuild writes a refcount block or table: metadata it could not count may be there. */
+  private checkRebuildWrite(offset: number, size: number, what: 'refblock' | 'reftable'): void {
+    const overlap = metadataOverlap(this.img, offset, size);
+    if (overlap) this.refuseWrite(overlap, `${this.prog}: ERROR writing ${what}: Input/output error`);
+  }
 
   /** The refcount block for reftable index t: bytes, null (none: all zero) or 'err' (unaligned). */
   private refblock(t: number, cache: boolean): Uint8Array | null | 'err' {
@@ -1044,24 +1129,7 @@ export class CheckPass {
     const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
     if (off === 0) return null;
     if (off % this.cs) {
-      if (!this.signaled) {
-        this.signaled = true;
-        const fatal = img.file.writable;
-        if (fatal) {
-          // QEMU marks a writable image corrupt on this event (a repair clears the bit again).
-          const f = new Uint8Array(1);
-          readAt(img.file, f, L.H_INCOMPATIBLE_FEATURES + 7);
-          f[0] = f[0]! | (1 << L.INCOMPAT_CORRUPT);
-          img.file.write(f, L.H_INCOMPATIBLE_FEATURES + 7);
-          img.file.flush();
-        }
-        const what = `Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`;
-        this.msgs.push(
-          fatal
-            ? `qcow2: Marking image as corrupt: ${what}; further corruption events will be suppressed`
-            : `qcow2: Image is corrupt: ${what}; further non-fatal corruption events will be suppressed`,
-        );
-      }
+      this.signalCorruption(`Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`);
       return 'err';
     }
     let b = this.blockCache.get(t);
@@ -1387,6 +1455,7 @@ export class CheckPass {
       table[i * 8 + 6] = (lo >>> 8) & 0xff;
       table[i * 8 + 7] = lo & 0xff;
     }
+    this.checkRebuildWrite(reftableOffset, table.length, 'reftable');
     img.file.write(table, reftableOffset);
     img.file.flush();
     const hdr = new Uint8Array(12);
@@ -1462,6 +1531,7 @@ export class CheckPass {
         const v = a[start + i] ?? 0;
         if (v) setRefcount(block, i, order, v);
       }
+      this.checkRebuildWrite(off, cs, 'refblock');
       img.file.write(block, off);
       cluster = start + per - 1;
     }
@@ -1472,6 +1542,8 @@ export class CheckPass {
 
   private markCleanAndConsistent(): void {
     const img = this.img;
+    // Version 2 has no feature bits: bytes 72-79 there belong to the first header extension.
+    if (img.header.version < 3) return;
     const buf = new Uint8Array(8);
     readAt(img.file, buf, L.H_INCOMPATIBLE_FEATURES);
     const low = buf[7]!;

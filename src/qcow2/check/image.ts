@@ -4,7 +4,6 @@
 // QEMU's check mode skips two open-time refusals (an empty refcount table, a bad snapshot
 // table): the checker reports them instead, so this module does not use Qcow2Image.open().
 
-import { QimgError } from '../errors.js';
 import { hasIncompat, validateHeader, type Header } from '../format/header.js';
 import { u16, u32 } from '../format/bytes.js';
 import * as L from '../format/layout.js';
@@ -71,10 +70,7 @@ export class CheckImage {
     const header = Qcow2Image.readHeader(file);
     // Check mode accepts an empty refcount table and defers the snapshot table to the check.
     const { snapshotsOffset: _deferredToCheck, ...wide } = header.wide ?? {};
-    validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0, wide }, file.size(), { check: true });
-    if (header.cryptMethod !== L.CRYPT_NONE) {
-      throw new QimgError('UNSUPPORTED', "Parameter 'encrypt.key-secret' is required for cipher");
-    }
+    validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0, wide }, file.size(), { check: true, noSecrets: true });
     const img = new CheckImage(file, filename, header);
     img.l1 = new Uint8Array(header.l1Size * 8);
     readAt(file, img.l1, header.l1TableOffset);

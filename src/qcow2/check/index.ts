@@ -1,8 +1,8 @@
 // The checker's public API: check(path) -> CheckReport as `qemu-img check` computes it, and
 // repairRefcounts() for an engine that must repair a dirty image it has open read-write.
 
-import { existsSync } from 'node:fs';
-import { QimgError } from '../errors.js';
+import { statSync } from 'node:fs';
+import { QimgError, ioError } from '../errors.js';
 import { isQcow2 } from '../format/header.js';
 import { u32 } from '../format/bytes.js';
 import { NodeFile, type BlockFile } from '../io/file.js';
@@ -112,7 +112,13 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
     const backing = img.header.backingFile;
     if (backing) {
       const bp = resolveBackingPath(path, backing);
-      if (!existsSync(bp)) throw new QimgError('NOT_FOUND', `Could not open '${path}': Could not open backing file: Could not open '${bp}': No such file or directory`);
+      try {
+        statSync(bp);
+      } catch (err) {
+        // As QEMU words it, e.g. 'File name too long' for a name past the system's limits.
+        const e = ioError(err, bp, 'Could not open');
+        throw new QimgError(e.code, `Could not open '${path}': Could not open backing file: ${e.message}`, e.data);
+      }
     }
   } catch (err) {
     return fail(report, err);

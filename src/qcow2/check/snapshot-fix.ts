@@ -56,14 +56,39 @@ export function encodeRepairedTable(snaps: CheckSnapshot[], diskSize: number): U
 }
 
 /**
+ * The metadata QEMU's pre-write overlap check ("cached" mode) finds in the clusters of
+ * [offset, offset + size), named as it names them, or null; tested in QEMU's order. A repair
+ * allocates only clusters with refcount 0, so this matters where the refcount pass left metadata
+ * uncounted: a region running one cluster or more past the end of the file is not counted.
+ */
+export function metadataOverlap(img: CheckImage, offset: number, size: number): string | null {
+  const cs = img.clusterSize;
+  if (offset < cs) return 'qcow2_header';
+  const start = Math.floor(offset / cs) * cs;
+  const end = Math.ceil((offset + size) / cs) * cs;
+  const hits = (at: number, bytes: number) => bytes > 0 && start < at + bytes && at < end;
+  const entry = (t: Uint8Array, i: number) => (u32(t, i * 8) & L.OFFSET_MASK_HI) * TWO32 + ((u32(t, i * 8 + 4) & L.OFFSET_MASK_LO) >>> 0);
+  if (hits(img.header.l1TableOffset, img.header.l1Size * 8)) return 'active L1 table';
+  if (hits(img.reftableOffset, img.reftableClusters * cs)) return 'refcount table';
+  if (hits(img.header.snapshotsOffset, img.snapshotsSize)) return 'snapshot table';
+  for (const sn of img.snapshots) if (hits(sn.l1Hi * TWO32 + sn.l1Lo, sn.l1Size * 8)) return 'inactive L1 table';
+  for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
+  for (let i = 0; i < img.reftableEntries; i++) if (hits(entry(img.reftable, i), entry(img.reftable, i) ? cs : 0)) return 'refcount block';
+  return null;
+}
+
+/**
  * Writes the in-memory snapshot table to new clusters and points the header at it. Returns the
- * clusters of the old table whose refcount reached 0 (to be discarded by the caller).
+ * clusters of the old table whose refcount reached 0 (to be discarded by the caller) and why
+ * freeing the old table was refused (strerror text; nothing freed then), or, when
+ * the new clusters overlap metadata (see metadataOverlap), that metadata's name: nothing but the
+ * new clusters' refcounts has been written then, as in QEMU, whose overlap check stops the write.
  *
  * Crash safety, QEMU's order: new clusters' refcounts up, flush; the entries, flush; the 12 header
  * bytes (nb_snapshots + snapshots_offset) in one write, flush; only then the old table's refcounts
  * down. A crash before the header write leaks the new clusters; after it, the old ones.
  */
-export function rewriteSnapshotTable(img: CheckImage): number[] {
+export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFailed: string | null } | { overlap: string } {
   const cs = img.clusterSize;
   const table = encodeRepairedTable(img.snapshots, Math.floor(img.header.size / 512) * 512);
   const refs = new Refcounts(img.file, img.clusterBits, img.refcountOrder, img.reftableOffset, img.reftableClusters);
@@ -85,6 +110,8 @@ export function rewriteSnapshotTable(img: CheckImage): number[] {
     img.reftableClusters = refs.location.clusters;
     img.reftable = refs.reftable;
   }
+  const overlap = table.length ? metadataOverlap(img, newOffset, table.length) : null;
+  if (overlap) return { overlap };
   if (table.length) img.file.write(table, newOffset);
   img.file.flush();
   const hdr = new Uint8Array(12);
@@ -94,14 +121,22 @@ export function rewriteSnapshotTable(img: CheckImage): number[] {
   dv.setUint32(8, newOffset % TWO32);
   img.file.write(hdr, L.H_NB_SNAPSHOTS);
   img.file.flush();
-  // Free the old table (clusters the refcounts do not count, e.g. past the end of the file, stay).
+  // Free the old table, all or nothing as QEMU's update_refcount: when one of its clusters is
+  // already at 0 (the refcount pass did not count a table running past the end of the file), the
+  // others' refcounts are some other structure's references, and none is dropped.
+  // QEMU meets the clusters in order: one without a refcount block fails with EAGAIN (after QEMU
+  // has created that block: qimg does not, the file stays as it was), one at 0 with EINVAL.
   const freed: number[] = [];
+  let freeFailed: string | null = null;
   const oldOffset = img.header.snapshotsOffset;
   if (img.snapshotsSize > 0) {
     const first = Math.floor(oldOffset / cs);
     const last = Math.floor((oldOffset + img.snapshotsSize - 1) / cs);
-    for (let ci = first; ci <= last; ci++) {
-      if (refs.get(ci) <= 0) continue;
+    for (let ci = first; ci <= last && !freeFailed; ci++) {
+      if (!refs.covers(ci)) freeFailed = 'Resource temporarily unavailable';
+      else if (refs.get(ci) <= 0) freeFailed = 'Invalid argument';
+    }
+    for (let ci = first; ci <= last && !freeFailed; ci++) {
       refs.add(ci, -1);
       if (refs.get(ci) === 0) freed.push(ci);
     }
@@ -111,5 +146,5 @@ export function rewriteSnapshotTable(img: CheckImage): number[] {
   img.header.nbSnapshots = img.snapshots.length;
   img.header.snapshotsOffset = newOffset;
   img.snapshotsSize = table.length;
-  return freed;
+  return { freed, freeFailed };
 }

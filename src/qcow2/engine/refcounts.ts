@@ -114,6 +114,11 @@ export class Refcounts {
     return off;
   }
 
+  /** Whether a refcount block covers cluster ci (a missing one reads as all zeros). */
+  covers(ci: number): boolean {
+    return this.block(Math.floor(ci / this.perBlock)) !== null;
+  }
+
   private block(t: number): Block | null {
     const b = this.blocks.get(t);
     if (b) return b;
@@ -198,13 +203,20 @@ export class Refcounts {
       }
       ci = next;
       let run = 0;
-      while (run < n && this.isFree(ci + run)) {
+      while (run < n) {
         const tt = Math.floor((ci + run) / this.perBlock);
-        if (!this.block(tt)) this.createBlock(tt);
+        if (!this.block(tt)) {
+          // A range without a refcount block is free throughout; its block is placed after the
+          // run (coverRun). Creating it here, at the range's first cluster, would cut every run
+          // longer than one block's range: such a request could never be met.
+          run = Math.min(n, (tt + 1) * this.perBlock - ci);
+          continue;
+        }
         if (!this.isFree(ci + run)) break;
         run++;
       }
       if (run === n) {
+        this.coverRun(ci, n);
         for (let k = 0; k < n; k++) if (this.metadata.has(ci + k)) this.refuseMetadata(ci + k);
         for (let k = 0; k < n; k++) this.add(ci + k, 1);
         if (n === 1 || ci === this.freeHint) this.freeHint = ci + n;
@@ -272,6 +284,40 @@ export class Refcounts {
   }
 
   /** A new refcount block for range `t`, placed in its own range so it describes itself. */
+  /** Creates the refcount blocks that the free run [ci, ci + n) lacks, each outside the run. */
+  private coverRun(ci: number, n: number): void {
+    const end = ci + n;
+    const last = Math.floor((end - 1) / this.perBlock);
+    const missing: number[] = [];
+    for (let t = Math.floor(ci / this.perBlock); t <= last; t++) if (!this.block(t)) missing.push(t);
+    if (!missing.length) return;
+    // A grown refcount table goes past the run too.
+    this.endCluster = Math.max(this.endCluster, end);
+    const place = (t: number, at: number) => {
+      if (t >= this.tableEntries) this.growTable(t);
+      if (this.blocks.has(t) || this.blockOffset(t) !== 0) return false; // growTable placed it
+      this.installBlock(t, at);
+      this.add(at, 1);
+      return true;
+    };
+    let p = end;
+    // The run's last range can hold its own block right after the run.
+    if (missing[missing.length - 1] === last && end % this.perBlock !== 0) {
+      missing.pop();
+      if (place(last, end)) p = end + 1;
+    }
+    for (const t of missing) {
+      // The first free cluster past the run: ranges there start after it, so a block created
+      // for one of them (at its first cluster) is outside the run as well.
+      for (;; p++) {
+        const tp = Math.floor(p / this.perBlock);
+        if (!this.block(tp)) this.createBlock(tp);
+        if (this.isFree(p)) break;
+      }
+      if (place(t, p)) p++;
+    }
+  }
+
   private createBlock(t: number): void {
     if (t >= this.tableEntries) this.growTable(t);
     if (this.blocks.has(t) || this.blockOffset(t) !== 0) return; // growTable placed it

@@ -63,8 +63,10 @@ export interface Header {
    * unsupported when QEMU would open the image; the checker may accept exact table offsets.
    */
   wide?: WideFields;
-  /** An extension or backing file name error, thrown by validateHeader where QEMU meets it. */
+  /** An extension error, thrown by validateHeader where QEMU meets it. */
   deferred?: QimgError;
+  /** A backing file name error: QEMU reads the name after the extensions and the data file. */
+  deferredName?: QimgError;
 }
 
 export interface WideFields {
@@ -97,6 +99,12 @@ export function isQcow2(buf: Uint8Array): boolean {
  * Throws BAD_IMAGE / UNSUPPORTED with QEMU's wording for what it refuses on open.
  */
 export function decodeHeader(buf: Uint8Array): Header {
+  if (buf.length >= 8 && buf.length < L.V3_MIN_HEADER_LENGTH) {
+    // A file shorter than the header: QEMU reads zeros past its end.
+    const padded = new Uint8Array(L.V3_MIN_HEADER_LENGTH);
+    padded.set(buf);
+    buf = padded;
+  }
   if (buf.length < L.V2_HEADER_LENGTH || u32(buf, L.H_MAGIC) !== L.QCOW_MAGIC) {
     throw new QimgError('BAD_IMAGE', 'Image is not in qcow2 format');
   }
@@ -182,10 +190,16 @@ export function decodeHeader(buf: Uint8Array): Header {
   const extEnd = Math.min(h.backingFileOffset || clusterSize, buf.length);
   try {
     decodeExtensions(h, buf, headerLength, extEnd);
-    decodeBackingName(h, buf, clusterSize);
   } catch (err) {
     if (!(err instanceof QimgError)) throw err;
     h.deferred = err;
+    return h;
+  }
+  try {
+    decodeBackingName(h, buf, clusterSize);
+  } catch (err) {
+    if (!(err instanceof QimgError)) throw err;
+    h.deferredName = err;
   }
   return h;
 }
@@ -246,7 +260,10 @@ function decodeKnownExtension(h: Header, type: number, data: Uint8Array): void {
       };
       break;
     case L.EXT_CRYPTO:
-      if (data.length !== L.CRYPTO_EXT_BYTES) throw new QimgError('BAD_IMAGE', 'Invalid encryption header extension length');
+      if (h.cryptMethod !== L.CRYPT_LUKS) throw new QimgError('BAD_IMAGE', 'CRYPTO header extension only expected with LUKS encryption method');
+      if (data.length !== L.CRYPTO_EXT_BYTES) {
+        throw new QimgError('BAD_IMAGE', `CRYPTO header extension size ${data.length}, but expected size ${L.CRYPTO_EXT_BYTES}`);
+      }
       h.crypto = { offset: u64(data, 0, 'crypto header offset'), length: u64(data, 8, 'crypto header length') };
       break;
     default:
@@ -283,6 +300,12 @@ export interface ValidateOptions {
    * exact (the checker reads such tables as zeros past the end of the file, as QEMU does).
    */
   check?: boolean;
+  /**
+   * Opened for I/O with no secret (as `check` is): an encrypted image is refused where QEMU's
+   * crypto layer asks for the key (LUKS: at its header extension; AES: after the extensions and
+   * the data file), and a LUKS image without its header extension where QEMU looks for one.
+   */
+  noSecrets?: boolean;
 }
 
 const INT64_MAX = 2n ** 63n - 1n;
@@ -348,7 +371,20 @@ export function validateHeader(h: Header, fileSize: number, opts: ValidateOption
     // QEMU prints the field as a signed int.
     throw new QimgError('UNSUPPORTED', `Unsupported encryption method ${h.cryptMethod | 0}`, { field: 'crypt_method' });
   }
-  if (h.deferred) throw h.deferred;
+  const needKey = () => new QimgError('UNSUPPORTED', "Parameter 'encrypt.key-secret' is required for cipher", { field: 'crypt_method' });
+  const luksOpened = opts.noSecrets && h.cryptMethod === L.CRYPT_LUKS && h.crypto !== null;
+  // Extensions in file order: a LUKS header extension before a faulty one has asked for its key.
+  if (h.deferred) throw luksOpened ? needKey() : h.deferred;
+  if (luksOpened) throw needKey();
+  // Then the data file: raw external data needs one.
+  if (hasAutoclear(h, L.AUTOCLEAR_DATA_FILE_RAW) && !hasIncompat(h, L.INCOMPAT_DATA_FILE)) {
+    throw new QimgError('BAD_IMAGE', 'data-file-raw requires a data file', { field: 'autoclear_features' });
+  }
+  if (opts.noSecrets && h.cryptMethod === L.CRYPT_AES) throw needKey();
+  if (opts.noSecrets && h.cryptMethod === L.CRYPT_LUKS) {
+    throw new QimgError('BAD_IMAGE', `Missing CRYPTO header for crypt method ${L.CRYPT_LUKS}`, { field: 'crypt_method' });
+  }
+  if (h.deferredName) throw h.deferredName;
   // Opened by QEMU, but past what qimg represents exactly.
   if (size > INT64_MAX) throw new QimgError('BAD_IMAGE', 'Could not refresh total sector count: File too large', { field: 'size' });
   const unsupported: Array<[keyof WideFields, string, boolean]> = [
