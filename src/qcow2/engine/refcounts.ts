@@ -283,7 +283,6 @@ export class Refcounts {
     return true;
   }
 
-  /** A new refcount block for range `t`, placed in its own range so it describes itself. */
   /** Creates the refcount blocks that the free run [ci, ci + n) lacks, each outside the run. */
   private coverRun(ci: number, n: number): void {
     const end = ci + n;
@@ -318,6 +317,7 @@ export class Refcounts {
     }
   }
 
+  /** A new refcount block for range `t`, placed in its own range so it describes itself. */
   private createBlock(t: number): void {
     if (t >= this.tableEntries) this.growTable(t);
     if (this.blocks.has(t) || this.blockOffset(t) !== 0) return; // growTable placed it
