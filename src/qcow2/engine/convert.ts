@@ -189,6 +189,21 @@ async function allDone(ps: Array<Promise<unknown>>): Promise<void> {
  */
 async function readChunk(source: Layer, c: Chunk, grain: number): Promise<void> {
   const reads: Array<Promise<void>> = [];
+  try {
+    fillChunk(source, c, grain, reads);
+  } catch (err) {
+    // A damaged entry further on: the reads already started must land before the caller may
+    // close the file or reuse the buffer (a read left running would fail on a closed descriptor).
+    await Promise.allSettled(reads);
+    throw err;
+  }
+  c.buf.fill(0, c.len);
+  // All of them settle before this does: the buffer is not handed on with a read still landing.
+  await allDone(reads);
+}
+
+/** readChunk's walk over the chunk: zeros and layer reads at once, async host reads onto `reads`. */
+function fillChunk(source: Layer, c: Chunk, grain: number, reads: Array<Promise<void>>): void {
   for (let done = 0; done < c.len; ) {
     const loc = source.locate(c.off + done, c.len - done);
     const part = c.buf.subarray(done, done + loc.length);
@@ -211,9 +226,6 @@ async function readChunk(source: Layer, c: Chunk, grain: number): Promise<void> 
     } else readAt(loc.file, part, loc.host);
     done += loc.length;
   }
-  c.buf.fill(0, c.len);
-  // All of them settle before this does: the buffer is not handed on with a read still landing.
-  await allDone(reads);
 }
 
 async function writeRaw(source: Layer, dst: string, progress?: (done: number, total: number) => void): Promise<void> {
