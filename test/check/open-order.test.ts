@@ -130,4 +130,42 @@ test('a backing file name is a C string: a leading NUL means no backing file', a
   copyFileSync(top, scratch('nul-case.qcow2'));
 });
 
+
+// bench/check-diff seeds 3268192428 (cases 10, 888, 1097) and 2912017190 (case 488): qemu-img
+// opens the backing file before it checks, so a backing format no QEMU driver has, a backing file
+// that is not qcow2 where the overlay says it is, or one of another qcow2 version, stop the check.
+test('the backing file is opened as its format says before the check', async () => {
+  const back = scratch('open-back.qcow2');
+  const over = scratch('open-over.qcow2');
+  const setup = () => {
+    mustQemuImg(['create', '-q', '-f', 'qcow2', back, '1M']);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'open-back.qcow2', '-F', 'qcow2', over]);
+  };
+  const both = async (name: string) => {
+    same(await qimgCheck([over]), asQimg(qemuImg(['check', over])), name);
+    same(await qimgCheck(['--output=json', over]), asQimg(qemuImg(['check', '--output=json', over])), `${name} (json)`);
+  };
+  const renameFormat = (to: string) => {
+    const b = new Uint8Array(readFileSync(over));
+    const at = Buffer.from(b).indexOf('qcow2', 72, 'latin1');
+    b.set(Buffer.from(to, 'latin1'), at);
+    writeFileSync(over, b);
+  };
+  setup();
+  await both('sound chain');
+  writeFileSync(back, 'not an image at all\n');
+  await both('backing file not in qcow2 format');
+  setup();
+  const v1 = new Uint8Array(readFileSync(back));
+  putU32(v1, 4, 1);
+  writeFileSync(back, v1);
+  await both('backing file of qcow2 version 1');
+  setup();
+  renameFormat('qxyz2');
+  await both('backing format no driver has');
+  setup();
+  renameFormat('raw\0\0');
+  await both('backing format as a C string (raw)');
+});
+
 test.run();

@@ -1,7 +1,7 @@
 // The checker's public API: check(path) -> CheckReport as `qemu-img check` computes it, and
 // repairRefcounts() for an engine that must repair a dirty image it has open read-write.
 
-import { statSync } from 'node:fs';
+import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import { QimgError, ioError } from '../errors.js';
 import { isQcow2 } from '../format/header.js';
 import { u32 } from '../format/bytes.js';
@@ -110,16 +110,7 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
   try {
     img = CheckImage.open(file, path);
     const backing = img.header.backingFile;
-    if (backing) {
-      const bp = resolveBackingPath(path, backing);
-      try {
-        statSync(bp);
-      } catch (err) {
-        // As QEMU words it, e.g. 'File name too long' for a name past the system's limits.
-        const e = ioError(err, bp, 'Could not open');
-        throw new QimgError(e.code, `Could not open '${path}': Could not open backing file: ${e.message}`, e.data);
-      }
-    }
+    if (backing) checkBackingOpens(path, backing, img.header.backingFormat);
   } catch (err) {
     return fail(report, err);
   }
@@ -211,4 +202,58 @@ export function repairRefcounts(target: BlockFile | { file: BlockFile; filename:
   const img = CheckImage.open(file, filename);
   const counts = new CheckPass(img, FIX_LEAKS | FIX_ERRORS, messages).run();
   return { counts, messages };
+}
+
+/**
+ * QEMU 7.2's block drivers, by the names a backing format extension may give. A name outside
+ * this list is refused before the backing file is looked at ("Unknown driver"); a known driver
+ * qimg cannot read (vmdk, say) leaves the backing file to be checked for existence only.
+ */
+const QEMU_DRIVERS = new Set(
+  ('blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg file ftp ftps ' +
+    'host_cdrom host_device http https iscsi iser luks nbd nfs null-aio null-co nvme parallels preallocate ' +
+    'qcow qcow2 qed quorum raw rbd replication snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat').split(' '),
+);
+
+/**
+ * What qemu-img check meets opening the backing file, in its order: the driver named by the
+ * backing format, the file itself (the system's reason, e.g. 'File name too long'), and for a
+ * qcow2 backing file its magic and version. Deeper faults of a damaged backing image are not
+ * looked for: check reads nothing through the backing file.
+ */
+function checkBackingOpens(path: string, backing: string, stored: string | null): void {
+  // QEMU keeps the format name as a C string.
+  const format = stored === null ? null : stored.split('\0')[0]!;
+  const fail = (code: QimgError['code'], why: string, data?: Readonly<Record<string, unknown>>) =>
+    new QimgError(code, `Could not open '${path}': Could not open backing file: ${why}`, { ...data });
+  if (format && !QEMU_DRIVERS.has(format)) throw fail('UNSUPPORTED', `Unknown driver '${format}'`);
+  const bp = resolveBackingPath(path, backing);
+  let st;
+  try {
+    st = statSync(bp);
+  } catch (err) {
+    const e = ioError(err, bp, 'Could not open');
+    throw fail(e.code, e.message, e.data);
+  }
+  if (format !== 'qcow2' || !st.isFile()) return;
+  // The image being checked holds a POSIX lock, which closing ANY descriptor of the same file
+  // would drop: a backing file that is the image itself is left to the chain checks.
+  const self = statSync(path);
+  if (self.dev === st.dev && self.ino === st.ino) return;
+  const head = new Uint8Array(8);
+  let n = 0;
+  try {
+    const fd = openSync(bp, 'r');
+    try {
+      n = readSync(fd, head, 0, 8, 0);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    const e = ioError(err, bp, 'Could not open');
+    throw fail(e.code, e.message, e.data);
+  }
+  if (n < 8 || !isQcow2(head)) throw fail('BAD_IMAGE', 'Image is not in qcow2 format');
+  const version = u32(head, 4);
+  if (version < 2 || version > 3) throw fail('UNSUPPORTED', `Unsupported qcow2 version ${version}`);
 }
