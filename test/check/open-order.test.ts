@@ -2,7 +2,7 @@
 // which fault wins when there are several, the exact messages, 64-bit fields past 2^53, and
 // what the probe makes of other versions. Found by bench/check-diff.ts (seed 3268192428).
 import { test } from 'uvu';
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { same, scratch } from './cases.js';
@@ -166,6 +166,11 @@ test('the backing file is opened as its format says before the check', async () 
   setup();
   renameFormat('raw\0\0');
   await both('backing format as a C string (raw)');
+  setup();
+  rmSync(back);
+  mkdirSync(back);
+  await both('backing file is a directory');
+  rmSync(back, { recursive: true });
 });
 
 test.run();

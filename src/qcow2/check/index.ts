@@ -235,6 +235,7 @@ function checkBackingOpens(path: string, backing: string, stored: string | null)
     const e = ioError(err, bp, 'Could not open');
     throw fail(e.code, e.message, e.data);
   }
+  if (st.isDirectory()) throw fail('BAD_IMAGE', `'file' driver requires '${bp}' to be a regular file`);
   if (format !== 'qcow2' || !st.isFile()) return;
   // The image being checked holds a POSIX lock, which closing ANY descriptor of the same file
   // would drop: a backing file that is the image itself is left to the chain checks.
