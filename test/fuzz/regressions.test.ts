@@ -217,4 +217,51 @@ test('a snapshot L2 entry naming data only the active tree still uses: snapshot 
   refusedUnchanged(path, ['snapshot', '-d', 'a'], new RegExp(`cluster 0x${data.toString(16)} is data of the active L2 table at 0x${l2At200k.toString(16)} but its refcount would be 0`));
 });
 
+/** A one-snapshot image whose snapshot's l1_size is 0x7fffffff (a 16 GiB table far past the file's end). */
+function oversizedSnapshotL1(name: string): string {
+  const path = image(name, 'cluster_size=4096', '1M', ['write -P 0x5a 0 64k'], 'r', ['write -P 0x5b 128k 4k']);
+  const b = new Uint8Array(readFileSync(path));
+  putU32(b, u64(b, 64) + 8, 0x7fffffff); // first snapshot table entry: l1_size
+  writeFileSync(path, b);
+  return path;
+}
+
+test('a snapshot whose l1_size is too large: snapshot -c refuses (QEMU: overlap with the inactive L1 table) (seed 90210 case 952)', () => {
+  // qimg created the snapshot: the oversized table was left out of the allocator's protection,
+  // where QEMU's overlap check takes its declared size and refuses every allocation inside it.
+  const path = oversizedSnapshotL1('l1big-create.qcow2');
+  const copy = join(dir, 'l1big-create-qemu.qcow2');
+  writeFileSync(copy, readFileSync(path));
+  const q = qemuImg(['snapshot', '-c', 'x', copy]);
+  assert.is.not(q.status, 0, 'qemu-img refuses too');
+  assert.match(q.stderr, /overlaps with inactive L1 table/);
+  refusedUnchanged(path, ['snapshot', '-c', 'x'], /^qimg: Could not create snapshot 'x': '.*l1big-create\.qcow2': preventing invalid write on metadata at 0x[0-9a-f]+ \(overlaps with the L1 table of snapshot 1, whose l1_size 0x7fffffff is too large\)/);
+});
+
+test('a snapshot whose l1_size is too large: a resize that must grow the L1 table refuses, one that need not succeeds', () => {
+  const path = oversizedSnapshotL1('l1big-resize.qcow2');
+  const before = readFileSync(path);
+  const grow = qimg(['resize', path, '+10G']);
+  assert.is(grow.status, 1, grow.stderr);
+  assert.match(grow.stderr, /^qimg: '.*l1big-resize\.qcow2': preventing invalid write on metadata at 0x[0-9a-f]+ \(overlaps with the L1 table of snapshot 1/);
+  assert.is(grow.stderr.trim().split('\n').length, 1, grow.stderr);
+  assert.ok(Buffer.compare(before, readFileSync(path)) === 0, 'the refused resize changed the file');
+  // qemu-img agrees on both: the same growth fails there, a small one (the L1 table has room) works.
+  const copy = join(dir, 'l1big-resize-qemu.qcow2');
+  writeFileSync(copy, before);
+  assert.is.not(qemuImg(['resize', copy, '+10G']).status, 0);
+  const small = qimg(['resize', path, '+1M']);
+  assert.is(small.status, 0, small.stderr);
+  assert.is(qemuImg(['info', '--output=json', path]).stdout.includes('"virtual-size": 2097152'), true);
+});
+
+test('deleting a snapshot whose l1_size is too large: refused with qemu-img\'s words', () => {
+  const path = oversizedSnapshotL1('l1big-delete.qcow2');
+  const copy = join(dir, 'l1big-delete-qemu.qcow2');
+  writeFileSync(copy, readFileSync(path));
+  const q = qemuImg(['snapshot', '-d', 'r', copy]);
+  assert.is(q.stderr.trim(), "qemu-img: Could not delete snapshot 'r': Snapshot L1 table too large");
+  refusedUnchanged(path, ['snapshot', '-d', 'r'], /^qimg: Could not delete snapshot 'r': Snapshot L1 table too large$/m);
+});
+
 test.run();

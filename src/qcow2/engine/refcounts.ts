@@ -60,6 +60,12 @@ export class Refcounts {
    * check, the write is refused instead. A cluster freed through add() leaves the set.
    */
   private metadata = new Set<number>();
+  /**
+   * Cluster ranges [first, end) where nothing may be allocated: a snapshot L1 table whose
+   * declared size is too large (it may reach far past the file). QEMU's overlap check takes the
+   * declared size at its word and refuses every write into it; so does qimg, before writing.
+   */
+  private fences: Array<{ first: number; end: number; what: { file: string; table: string } }> = [];
 
   constructor(
     private readonly file: BlockFile,
@@ -84,6 +90,20 @@ export class Refcounts {
     // Clusters past the end of the file can hold nothing yet; this also bounds the set.
     const last = Math.min(Math.floor((offset + bytes - 1) / this.clusterSize), this.endCluster - 1);
     for (let ci = first; ci <= last; ci++) this.metadata.add(ci);
+  }
+
+  /** Refuses any allocation in host bytes [offset, offset+bytes), past the end of the file too; `what` names the file and the table. */
+  fence(offset: number, bytes: number, what: { file: string; table: string }): void {
+    if (bytes <= 0) return;
+    this.fences.push({ first: Math.floor(offset / this.clusterSize), end: Math.ceil((offset + bytes) / this.clusterSize), what });
+  }
+
+  private refuseFenced(ci: number): void {
+    for (const f of this.fences) {
+      if (ci >= f.first && ci < f.end) {
+        throw new QimgError('CORRUPT', `'${f.what.file}': preventing invalid write on metadata at ${hex(ci * this.clusterSize)} (overlaps with ${f.what.table}); the image is corrupt`);
+      }
+    }
   }
 
   /** Protects cluster 0, the refcount table and every refcount block it names. */
@@ -159,6 +179,7 @@ export class Refcounts {
     const v = getRefcount(b.mem, i, this.refcountOrder) + delta;
     if (v < 0) throw new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
     if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+    if (v === delta && delta > 0 && this.fences.length > 0) this.refuseFenced(ci); // 0 -> in use: an allocation
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
     if (delta > 0) b.increased = true;

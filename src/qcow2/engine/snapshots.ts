@@ -107,23 +107,37 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   w.commit();
   // Refuse before changing anything if a refcount would overflow.
   changeTreeRefs(w, [[img.l1, +1]]);
-  w.clearCopied();
-
+  // Both new clusters runs are taken now, in memory, so that an allocation QEMU's overlap check
+  // would refuse (refs.fence) fails before the first write. On disk their refcounts land with
+  // the first commit, ahead of anything naming them: a crash leaves them leaked, no worse.
   const cs = img.clusterSize;
   const l1 = img.l1.slice();
-  let l1Offset = 0;
+  const l1Offset = l1.length > 0 ? w.refs.alloc(Math.ceil(l1.length / cs)) : 0;
+  const entries = [...img.snapshots, newEntry(img, snap, l1Offset, l1.length / 8)];
+  const table = encodeSnapshotTable(entries);
+  const tableOffset = w.refs.alloc(Math.ceil(table.length / cs));
+  w.clearCopied();
+
   if (l1.length > 0) {
-    l1Offset = w.refs.alloc(Math.ceil(l1.length / cs));
     w.file.write(l1, l1Offset); // nothing references it until the table lands
     if (l1Offset + l1.length > img.fileSize) img.fileSize = l1Offset + l1.length;
   }
   w.commit();
 
+  w.replaceSnapshotTable(table, entries.length, tableOffset);
+  w.commit();
+  img.snapshots = entries;
+  return entries[entries.length - 1]!;
+}
+
+/** The table entry of a snapshot being created now, of the active tree at `l1Offset`. */
+function newEntry(img: Qcow2Image, snap: NewSnapshot, l1Offset: number, l1Size: number): SnapshotEntry {
+
   const nameBytes = encodeString(snap.name).subarray(0, L.MAX_SNAPSHOT_NAME_BYTES);
   const us = snap.dateMicros ?? nowMicros();
   const entry: SnapshotEntry = {
     l1TableOffset: l1Offset,
-    l1Size: l1.length / 8,
+    l1Size,
     id: nextSnapshotId(img.snapshots),
     name: decodeString(nameBytes),
     nameBytes: nameBytes.slice(),
@@ -137,10 +151,6 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
     icount: 0n,
   };
   entry.idBytes = encodeString(entry.id);
-  const entries = [...img.snapshots, entry];
-  w.replaceSnapshotTable(encodeSnapshotTable(entries), entries.length);
-  w.commit();
-  img.snapshots = entries;
   return entry;
 }
 
@@ -198,6 +208,7 @@ export function deleteSnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntr
   const what = describeRef(ref);
   const sn = findSnapshotEntry(img.snapshots, ref);
   if (!sn) throw new QimgError('NOT_FOUND', `Could not delete snapshot '${what}': snapshot not found`);
+  if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Could not delete snapshot '${what}': Snapshot L1 table too large`);
   w.assertSnapshotsClear();
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);

@@ -92,7 +92,10 @@ export class ImageWriter {
       if (off !== 0) refs.protect(off, img.clusterSize);
     }
     refs.protect(h.snapshotsOffset, img.snapshotTableBytes);
-    for (const sn of img.snapshots) if (sn.l1Size <= L.MAX_L1_ENTRIES) refs.protect(sn.l1TableOffset, sn.l1Size * 8);
+    for (const sn of img.snapshots) {
+      if (sn.l1Size <= L.MAX_L1_ENTRIES) refs.protect(sn.l1TableOffset, sn.l1Size * 8);
+      else refs.fence(sn.l1TableOffset, sn.l1Size * 8, { file: img.filename, table: `the L1 table of snapshot ${sn.id}, whose l1_size ${hex(sn.l1Size)} is too large` });
+    }
   }
 
   /**
@@ -863,14 +866,15 @@ export class ImageWriter {
   /**
    * Writes a new snapshot table into fresh clusters and makes the header name it at commit;
    * the old table's clusters are released after the header switched (QEMU's order).
+   * `allocated`: the clusters the caller already took for it (refs.alloc), else taken here.
    */
-  replaceSnapshotTable(table: Uint8Array, count: number): void {
+  replaceSnapshotTable(table: Uint8Array, count: number, allocated?: number): void {
     this.guard();
     const cs = this.clusterSize;
     const old = { offset: this.header.snapshotsOffset, bytes: this.img.snapshotTableBytes };
     let offset = 0;
     if (count > 0) {
-      offset = this.refs.alloc(Math.ceil(table.length / cs));
+      offset = allocated ?? this.refs.alloc(Math.ceil(table.length / cs));
       this.hostWrite(table, offset);
     }
     this.header.nbSnapshots = count;
