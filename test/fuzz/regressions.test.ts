@@ -264,4 +264,58 @@ test('deleting a snapshot whose l1_size is too large: refused with qemu-img\'s w
   refusedUnchanged(path, ['snapshot', '-d', 'r'], /^qimg: Could not delete snapshot 'r': Snapshot L1 table too large$/m);
 });
 
+/** A one-snapshot image (512 KiB, 4 KiB clusters) whose snapshot's disk_size is `size`. */
+function snapshotDiskSize(name: string, size: bigint): string {
+  const path = image(name, 'cluster_size=4096', '512K', ['write -P 0x31 0 8k'], 's');
+  const b = new Uint8Array(readFileSync(path));
+  putU64(b, u64(b, 64) + 40 + 8, size); // first entry: extra data at 40, disk_size its second field
+  writeFileSync(path, b);
+  return path;
+}
+
+test('snapshot -a to a disk_size past what the L1 table covers grows the L1 table as QEMU\'s resize does (seed 5150 case 764)', () => {
+  // qimg set the 2 GiB size and kept the snapshot's one-entry L1 table: "L1 table is too small"
+  // on every later open.
+  const path = snapshotDiskSize('disksize-grow.qcow2', 1n << 31n);
+  const copy = join(dir, 'disksize-grow-qemu.qcow2');
+  writeFileSync(copy, readFileSync(path));
+  mustQemuImg(['snapshot', '-a', 's', copy]);
+  const r = qimg(['snapshot', '-a', 's', path]);
+  assert.is(r.status, 0, r.stderr);
+  const c = qemuImg(['check', path]);
+  assert.is(c.status, 0, c.stdout + c.stderr);
+  assert.match(qemuImg(['info', path]).stdout, /virtual size: 2 GiB \(2147483648 bytes\)/);
+  const cmp = qemuImg(['compare', copy, path]);
+  assert.is(cmp.status, 0, cmp.stdout + cmp.stderr);
+});
+
+test('snapshot -a to a disk_size QEMU cannot resize to: refused with its reasons, file unchanged', () => {
+  const odd = snapshotDiskSize('disksize-odd.qcow2', (1n << 21n) + 100n);
+  refusedUnchanged(odd, ['snapshot', '-a', 's'], /^qimg: Could not apply snapshot 's': Failed to load snapshot: The new size must be a multiple of 512$/m);
+  const big = snapshotDiskSize('disksize-big.qcow2', 1n << 50n);
+  refusedUnchanged(big, ['snapshot', '-a', 's'], /^qimg: Could not apply snapshot 's': Failed to load snapshot: Failed to grow the L1 table: File too large$/m);
+  // qemu-img refuses both too.
+  for (const p of [odd, big]) assert.is(qemuImg(['snapshot', '-a', 's', p]).status, 1);
+});
+
+test('snapshot -a clears OFLAG_COPIED set by damage in an L2 table the trees share, as QEMU does (seed 5150 case 1096)', () => {
+  // qimg took every shared table's flags to be clear and did not read them: the flag stayed set
+  // on a cluster with refcount 2, and the next guest write would overwrite it in place.
+  const path = image('copied-shared.qcow2', 'cluster_size=4096', '1M', ['write -P 0x41 0 16k'], 's');
+  const b = new Uint8Array(readFileSync(path));
+  const l2 = entryOff(b, u64(b, 40));
+  b[l2 + 8] = b[l2 + 8]! | 0x80; // entry 1: OFLAG_COPIED
+  writeFileSync(path, b);
+  assert.match(qemuImg(['check', path]).stderr, /ERROR OFLAG_COPIED data cluster: l2_entry=80000000000[0-9a-f]+ refcount=2/);
+  const copy = join(dir, 'copied-shared-qemu.qcow2');
+  writeFileSync(copy, readFileSync(path));
+  mustQemuImg(['snapshot', '-a', 's', copy]);
+  assert.is(qemuImg(['check', copy]).status, 0, 'qemu-img\'s apply leaves a clean image');
+  const r = qimg(['snapshot', '-a', 's', path]);
+  assert.is(r.status, 0, r.stderr);
+  const c = qemuImg(['check', path]);
+  assert.is(c.status, 0, c.stdout + c.stderr);
+  assert.is(new Uint8Array(readFileSync(path))[l2 + 8]! & 0x80, 0);
+});
+
 test.run();

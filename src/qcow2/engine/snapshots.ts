@@ -8,7 +8,7 @@
 
 import { QimgError } from '../errors.js';
 import { decodeString, encodeString } from '../format/bytes.js';
-import { hasIncompat } from '../format/header.js';
+import { hasIncompat, l1EntriesFor } from '../format/header.js';
 import * as L from '../format/layout.js';
 import { encodeSnapshotTable, type SnapshotEntry } from '../format/snapshot-table.js';
 import type { BackingPolicy } from './open.js';
@@ -172,6 +172,18 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
   w.assertSnapshotsClear();
   refuseDataFile(img, 'apply', what);
   if (sn.l1Size > L.MAX_L1_ENTRIES) throw new QimgError('BAD_IMAGE', `Could not apply snapshot '${what}': Snapshot L1 table too large`);
+  // The size goes back to the snapshot's, as a resize would take it (QEMU truncates first): the
+  // active L1 must then cover it even where the snapshot's own L1 table does not (a damaged
+  // disk_size), or the image could no longer be opened.
+  const size = sn.diskSize !== null && sn.diskSize !== img.virtualSize ? sn.diskSize : null;
+  let l1Entries = sn.l1Size;
+  if (size !== null) {
+    const failed = (why: string) => new QimgError('BAD_IMAGE', `Could not apply snapshot '${what}': Failed to load snapshot: ${why}`);
+    if (size % 512 !== 0) throw failed('The new size must be a multiple of 512');
+    const need = l1EntriesFor(size, img.clusterBits, img.extendedL2);
+    if (need > L.MAX_L1_ENTRIES) throw failed('Failed to grow the L1 table: File too large');
+    l1Entries = Math.max(l1Entries, need);
+  }
   w.commit();
   const snL1 = img.readTable(sn.l1TableOffset, sn.l1Size * 8, `L1 table of snapshot ${sn.id}`);
   // It becomes the active tree, whose L2 tables the OFLAG_COPIED pass below rewrites.
@@ -186,8 +198,8 @@ export function applySnapshotOn(w: ImageWriter, ref: SnapshotRef): SnapshotEntry
     undefined,
     { allowed: null, activeL2: true }, // the old active tree's own tables may go
   );
-  w.ensureL1(sn.l1Size);
-  if (sn.diskSize !== null && sn.diskSize !== img.virtualSize) w.setVirtualSize(sn.diskSize);
+  w.ensureL1(l1Entries);
+  if (size !== null) w.setVirtualSize(size);
   const fresh = snL1.slice();
   for (let i = 0; i < fresh.length; i += 8) fresh[i] = fresh[i]! & 0x7f; // COPIED recomputed below
   w.replaceL1(fresh);

@@ -905,9 +905,11 @@ export class ImageWriter {
       const off = entryOffset(hi, lo);
       if (off === 0) continue;
       const want = refs.get(off / cs) === 1;
-      // A shared table (refcount > 1) has every data cluster shared too, so all its flags are
-      // clear — as the snapshot that first shared it left them: only unshared tables are read.
-      if (want) tables.push(off);
+      // A shared table (refcount > 1) has every data cluster shared too, so all its flags must be
+      // clear. The snapshot that first shared it left them so, but a damaged table may not say
+      // so (an entry with the flag set naming a cluster it under-counts), and a flag wrongly set
+      // lets the next guest write overwrite shared data in place: shared tables are read too.
+      tables.push(off);
       if (want !== ((hi & L.OFLAG_COPIED_HI) !== 0)) {
         setU32(img.l1, i * 8, want ? (hi | L.OFLAG_COPIED_HI) >>> 0 : (hi & ~L.OFLAG_COPIED_HI) >>> 0);
         this.dirtyL1.add(i);
@@ -915,7 +917,9 @@ export class ImageWriter {
     }
     const ew = this.entryWidth();
     const cb = img.clusterBits;
-    this.rewriteL2InPlace(tables, (table, off) => (allAtOne.has(off) ? setAllCopied(table, ew) : copiedFixes(table, refs, cb, ew)));
+    this.rewriteL2InPlace(tables, (table, off) =>
+      refs.get(off / cs) !== 1 ? clearAllCopied(table, ew) : allAtOne.has(off) ? setAllCopied(table, ew) : copiedFixes(table, refs, cb, ew),
+    );
   }
 
   /**
@@ -944,16 +948,7 @@ export class ImageWriter {
         l1Changed = true;
       }
     }
-    this.rewriteL2InPlace(tables, (table) => {
-      let changed = false;
-      for (let e = 0; e < table.length; e += ew) {
-        if (table[e]! & 0x80) {
-          table[e] = table[e]! & 0x7f;
-          changed = true;
-        }
-      }
-      return changed;
-    });
+    this.rewriteL2InPlace(tables, (table) => clearAllCopied(table, ew));
     if (l1Changed) {
       this.file.write(img.l1, this.header.l1TableOffset);
       this.dirtyL1.clear();
@@ -1159,6 +1154,18 @@ function firstUncounted16(words: Int32Array, refs: Refcounts, cb: number, step: 
 }
 
 /** OFLAG_COPIED on every allocated, uncompressed entry (all their refcounts are known to be 1). */
+/** Clears OFLAG_COPIED in every entry of an L2 table (its top bit: bit 7 of the entry's first byte); true if any was set. */
+function clearAllCopied(table: Uint8Array, ew: number): boolean {
+  let changed = false;
+  for (let e = 0; e < table.length; e += ew) {
+    if (table[e]! & 0x80) {
+      table[e] = table[e]! & 0x7f;
+      changed = true;
+    }
+  }
+  return changed;
+}
+
 function setAllCopied(table: Uint8Array, ew: number): boolean {
   const words = ints32(table);
   let changed = false;
