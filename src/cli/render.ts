@@ -196,7 +196,7 @@ function formatInt(n: number): string {
 // below list every key once, in the order observed from qemu-img 7.2, and drop the
 // absent ones. The human `Format specific information:` block walks the same tree.
 
-type QScalar = string | number | boolean;
+type QScalar = string | number | bigint | boolean;
 type QValue = QScalar | QValue[] | QDict;
 
 /** An ordered dictionary; entries whose value is undefined are absent. */
@@ -223,7 +223,7 @@ function toJson(value: QValue, level: number): string {
       : `${open}\n${items.join(',\n')}\n${JSON_INDENT.repeat(level)}${close}`;
   }
   if (typeof value === 'string') return jsonString(value);
-  if (typeof value === 'number') return formatJsonInt(value);
+  if (typeof value === 'number' || typeof value === 'bigint') return formatJsonInt(value);
   return value ? 'true' : 'false';
 }
 
@@ -234,8 +234,8 @@ const TWO_POW_64 = 2n ** 64n;
  * qemu's JSON integers are signed 64-bit, so an unsigned field at or past 2^63 (a huge
  * vm_state_size, say) prints negative there while the human table shows it unsigned.
  */
-function formatJsonInt(n: number): string {
-  if (!Number.isInteger(n)) return String(n);
+function formatJsonInt(n: number | bigint): string {
+  if (typeof n === 'number' && !Number.isInteger(n)) return String(n);
   const v = BigInt(n);
   return (v >= TWO_POW_63 ? v - TWO_POW_64 : v).toString();
 }
@@ -310,7 +310,7 @@ function snapshotDict(sn: SnapshotInfo, freedBytes?: number): QDict {
     ['date-nsec', sn.dateNsec],
     ['vm-clock-sec', Math.floor(sn.vmClockNsec / 1e9)],
     ['id', cutUtf8(sn.id, SNAPSHOT_ID_MAX_BYTES)],
-    ['vm-state-size', sn.vmStateSize],
+    ['vm-state-size', sn.vmStateSizeExact ?? sn.vmStateSize],
     // qimg's own key, last.
     ['freed-bytes', freedBytes],
   ]);

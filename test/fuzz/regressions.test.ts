@@ -318,4 +318,30 @@ test('snapshot -a clears OFLAG_COPIED set by damage in an L2 table the trees sha
   assert.is(new Uint8Array(readFileSync(path))[l2 + 8]! & 0x80, 0);
 });
 
+test('a vm_state_size past 2^53: snapshot -l and info print what qemu-img prints, snapshot -c keeps the entry as qemu-img does', () => {
+  // qimg refused to open such an image ("vm_state_size is too large") where qemu-img lists it.
+  const path = image('vmstate-wide.qcow2', 'cluster_size=4096', '512K', ['write -P 0x31 0 8k'], 's');
+  const b = new Uint8Array(readFileSync(path));
+  const entry = u64(b, 64);
+  putU64(b, entry + 40, 2n ** 62n + 12345n); // extra data: vm_state_size_large
+  writeFileSync(path, b);
+  for (const args of [['snapshot', '-l'], ['info'], ['info', '--output=json']]) {
+    const q = mustQemuImg([...args, path]);
+    const m = qimg([...args, path]);
+    assert.is(m.status, 0, m.stderr);
+    assert.is(m.stdout, q, args.join(' '));
+  }
+  const copy = join(dir, 'vmstate-wide-qemu.qcow2');
+  writeFileSync(copy, b);
+  mustQemuImg(['snapshot', '-c', 't', copy]);
+  const r = qimg(['snapshot', '-c', 't', path]);
+  assert.is(r.status, 0, r.stderr);
+  const firstEntry = (f: string) => {
+    const d = new Uint8Array(readFileSync(f));
+    return Array.from(d.subarray(u64(d, 64), u64(d, 64) + 72));
+  };
+  assert.equal(firstEntry(path), firstEntry(copy));
+  assert.is(qemuImg(['check', path]).status, 0);
+});
+
 test.run();

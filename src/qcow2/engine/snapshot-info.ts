@@ -4,7 +4,9 @@ import { vmStateSize, type SnapshotEntry } from '../format/snapshot-table.js';
 import type { SnapshotInfo } from './types.js';
 
 export function snapshotInfo(e: SnapshotEntry): SnapshotInfo {
+  const exact = e.vmStateSizeLarge !== null ? e.wide?.vmStateSizeLarge : undefined;
   return {
+    ...(exact !== undefined ? { vmStateSizeExact: exact } : {}),
     id: e.id,
     name: e.name,
     vmStateSize: vmStateSize(e),

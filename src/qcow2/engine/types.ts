@@ -6,6 +6,8 @@ export interface SnapshotInfo {
   name: string;
   /** Bytes of saved VM state (vm_state_size_large when present, else the 32-bit field). */
   vmStateSize: number;
+  /** The same, exactly, when it is past 2^53 (vmStateSize is then only close to it). */
+  vmStateSizeExact?: bigint;
   dateSec: number;
   dateNsec: number;
   vmClockNsec: number;

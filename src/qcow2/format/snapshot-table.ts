@@ -1,7 +1,7 @@
 // Snapshot table entries: fixed 40-byte part, extra data, id, name, padding to 8 bytes.
 
 import { QimgError, hex } from '../errors.js';
-import { align, decodeString, encodeString, setU16, setU32, setU64, setU64n, u16, u32, u64, u64n } from './bytes.js';
+import { align, decodeString, encodeString, setU16, setU32, setU64, setU64n, u16, u32, u64n } from './bytes.js';
 import * as L from './layout.js';
 
 export interface SnapshotEntry {
@@ -21,6 +21,12 @@ export interface SnapshotEntry {
   diskSize: number | null;
   /** null when absent or -1. */
   icount: bigint | null;
+  /**
+   * Fields past 2^53 exactly as stored (the numbers above are then only close to them). QEMU
+   * lists such entries; qimg lists them too, writes them back unchanged, and refuses to follow
+   * them (no table or size is that large).
+   */
+  wide?: { l1TableOffset?: bigint; vmStateSizeLarge?: bigint; diskSize?: bigint };
   /** The id and name exactly as stored (a name cut at 255 bytes may end mid-character). */
   idBytes?: Uint8Array;
   nameBytes?: Uint8Array;
@@ -38,6 +44,13 @@ export interface DecodedTable {
 }
 
 const ICOUNT_NONE = 0xffffffffffffffffn;
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+
+/** Writes a u64 field: the exact stored value when the entry still holds the number read with it. */
+function setField(buf: Uint8Array, off: number, v: number, exact: bigint | undefined): void {
+  if (exact !== undefined && Number(exact) === v) setU64n(buf, off, exact);
+  else setU64(buf, off, v);
+}
 
 /**
  * Decodes `count` entries from `buf` (which starts at snapshots_offset). Throws BAD_IMAGE naming
@@ -62,8 +75,15 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, tableOffset:
     const end = nameStart + nameSize;
     if (end > buf.length) throw new QimgError('BAD_IMAGE', `Snapshot table is truncated (${at})`);
     const extraData = buf.slice(extraStart, idStart);
+    const wide: NonNullable<SnapshotEntry['wide']> = {};
+    /** A u64 field as a number, kept exactly in `wide` when past 2^53. */
+    const field = (b: Uint8Array, o: number, key: keyof typeof wide): number => {
+      const v = u64n(b, o);
+      if (v > MAX_SAFE) wide[key] = v;
+      return Number(v);
+    };
     const e: SnapshotEntry = {
-      l1TableOffset: u64(buf, off + L.SN_L1_TABLE_OFFSET, `${at}: l1_table_offset`),
+      l1TableOffset: field(buf, off + L.SN_L1_TABLE_OFFSET, 'l1TableOffset'),
       l1Size: u32(buf, off + L.SN_L1_SIZE),
       id: decodeString(buf.subarray(idStart, nameStart)),
       name: decodeString(buf.subarray(nameStart, end)),
@@ -72,12 +92,13 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, tableOffset:
       vmClockNsec: u64n(buf, off + L.SN_VM_CLOCK_NSEC),
       vmStateSize32: u32(buf, off + L.SN_VM_STATE_SIZE),
       extraData,
-      vmStateSizeLarge: extraSize >= 8 ? u64(extraData, L.SN_EXTRA_VM_STATE_SIZE_LARGE, `${at}: vm_state_size`) : null,
-      diskSize: extraSize >= 16 ? u64(extraData, L.SN_EXTRA_DISK_SIZE, `${at}: disk_size`) : null,
+      vmStateSizeLarge: extraSize >= 8 ? field(extraData, L.SN_EXTRA_VM_STATE_SIZE_LARGE, 'vmStateSizeLarge') : null,
+      diskSize: extraSize >= 16 ? field(extraData, L.SN_EXTRA_DISK_SIZE, 'diskSize') : null,
       icount: null,
       idBytes: buf.slice(idStart, nameStart),
       nameBytes: buf.slice(nameStart, end),
     };
+    if (Object.keys(wide).length) e.wide = wide;
     if (extraSize >= 24) {
       const ic = u64n(extraData, L.SN_EXTRA_ICOUNT);
       e.icount = ic === ICOUNT_NONE ? null : ic;
@@ -107,9 +128,9 @@ function extraFor(e: SnapshotEntry): Uint8Array {
   const len = Math.max(e.extraData.length, L.SN_EXTRA_BYTES_WRITTEN);
   const out = new Uint8Array(len);
   out.set(e.extraData);
-  setU64(out, L.SN_EXTRA_VM_STATE_SIZE_LARGE, e.vmStateSizeLarge ?? e.vmStateSize32);
+  setField(out, L.SN_EXTRA_VM_STATE_SIZE_LARGE, e.vmStateSizeLarge ?? e.vmStateSize32, e.wide?.vmStateSizeLarge);
   if (e.diskSize === null) throw new QimgError('USAGE', `snapshot ${e.id} has no disk size to write`);
-  setU64(out, L.SN_EXTRA_DISK_SIZE, e.diskSize);
+  setField(out, L.SN_EXTRA_DISK_SIZE, e.diskSize, e.wide?.diskSize);
   setU64n(out, L.SN_EXTRA_ICOUNT, e.icount ?? ICOUNT_NONE);
   return out;
 }
@@ -122,15 +143,16 @@ export function encodeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
     const extra = extraFor(e);
     const id = idOf(e);
     const name = nameOf(e);
-    setU64(buf, off + L.SN_L1_TABLE_OFFSET, e.l1TableOffset);
+    setField(buf, off + L.SN_L1_TABLE_OFFSET, e.l1TableOffset, e.wide?.l1TableOffset);
     setU32(buf, off + L.SN_L1_SIZE, e.l1Size);
     setU16(buf, off + L.SN_ID_STR_SIZE, id.length);
     setU16(buf, off + L.SN_NAME_SIZE, name.length);
     setU32(buf, off + L.SN_DATE_SEC, e.dateSec);
     setU32(buf, off + L.SN_DATE_NSEC, e.dateNsec);
     setU64n(buf, off + L.SN_VM_CLOCK_NSEC, e.vmClockNsec);
-    // QEMU stores the 32-bit field too, saturated when the large one does not fit.
-    setU32(buf, off + L.SN_VM_STATE_SIZE, Math.min(e.vmStateSizeLarge ?? e.vmStateSize32, 0xffffffff));
+    // QEMU stores the 32-bit field too, and 0 there when the size does not fit in it.
+    const vmState = e.vmStateSizeLarge ?? e.vmStateSize32;
+    setU32(buf, off + L.SN_VM_STATE_SIZE, vmState <= 0xffffffff ? vmState : 0);
     setU32(buf, off + L.SN_EXTRA_DATA_SIZE, extra.length);
     buf.set(extra, off + L.SN_HEADER_BYTES);
     buf.set(id, off + L.SN_HEADER_BYTES + extra.length);
