@@ -112,7 +112,13 @@ function qemuSameOp(bytes: Uint8Array, path: string, args: string[]): number | n
   writeFileSync(copy, bytes);
   try {
     const a = args.includes(path) ? args.map((x) => (x === path ? copy : x)) : [...args, copy];
-    spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 15000, killSignal: 'SIGKILL' });
+    let r = spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 15000, killSignal: 'SIGKILL' });
+    // As in qemuCheck: the other worker's lock on a shared backing file is not qemu-img's answer.
+    for (let tries = 0; tries < 20 && /Failed to get .*lock|Failed to lock byte/.test(r.stderr ?? ''); tries++) {
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+      writeFileSync(copy, bytes);
+      r = spawnSync('qemu-img', a, { encoding: 'utf8', timeout: 15000, killSignal: 'SIGKILL' });
+    }
     return qemuCorruptions(copy, true); // the input was checkable (callers skip it otherwise)
   } finally {
     rmSync(copy, { force: true });
