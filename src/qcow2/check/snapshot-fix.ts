@@ -126,17 +126,29 @@ export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFa
   // others' refcounts are some other structure's references, and none is dropped.
   // QEMU meets the clusters in order: one without a refcount block fails with EAGAIN (after QEMU
   // has created that block: qimg does not, the file stays as it was), one at 0 with EINVAL.
+  //
+  // QEMU looks a cluster's refcount block up with its refcount table index cut to 32 bits, so a
+  // table far enough past the end of the file (index 2^32 or more) finds the block of an
+  // unrelated cluster: one at refcount 0 fails the free with EINVAL as above; one in use would
+  // have that unrelated refcount dropped, which qimg does not do (the table's own clusters,
+  // past the end of the file, have no refcount to drop).
   const freed: number[] = [];
   let freeFailed: string | null = null;
   const oldOffset = img.header.snapshotsOffset;
   if (img.snapshotsSize > 0) {
-    const first = Math.floor(oldOffset / cs);
-    const last = Math.floor((oldOffset + img.snapshotsSize - 1) / cs);
+    // Exact past 2^53 (the offset itself is, being cluster aligned and checked when read).
+    const first = BigInt(oldOffset) / BigInt(cs);
+    const last = first + BigInt(Math.floor((img.snapshotsSize - 1) / cs));
+    const per = BigInt(refs.perBlock);
+    const drop: number[] = [];
     for (let ci = first; ci <= last && !freeFailed; ci++) {
-      if (!refs.covers(ci)) freeFailed = 'Resource temporarily unavailable';
-      else if (refs.get(ci) <= 0) freeFailed = 'Invalid argument';
+      const seen = (((ci / per) & 0xffffffffn) * per) | (ci % per);
+      const at = seen >= BigInt(img.reftableEntries) * per ? -1 : Number(seen);
+      if (at < 0 || !refs.covers(at)) freeFailed = 'Resource temporarily unavailable';
+      else if (refs.get(at) <= 0) freeFailed = 'Invalid argument';
+      else if (seen === ci) drop.push(at);
     }
-    for (let ci = first; ci <= last && !freeFailed; ci++) {
+    for (const ci of freeFailed ? [] : drop) {
       refs.add(ci, -1);
       if (refs.get(ci) === 0) freed.push(ci);
     }
