@@ -7,7 +7,9 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { same, scratch } from './cases.js';
-import { putU64 } from '../fuzz/mutate.js';
+import { putU32, putU64 } from '../fuzz/mutate.js';
+import { MemoryFile } from '../../src/qcow2/io/memory-file.js';
+import { checkFile } from '../../src/qcow2/check/index.js';
 
 /**
  * The poked bytes through both tools' `check ARGS` at one path; with `after`, qemu-img check of
@@ -98,6 +100,54 @@ test('freeing an old snapshot table whose wrapped index names a cluster in use',
   assert.is(got.stderr, want.stderr.replace(/^ERROR cluster 0 refcount=0 reference=1\n/m, ''));
   assert.is(got.status, 0);
   assert.is(qemuImg(['check', f]).status, 0, 'qimg repaired the image');
+});
+
+// seed 697317295 case 326: an L1 entry naming an L2 table inside the header cluster, holding an
+// unaligned preallocated-zero entry. -r all repairs such an entry in place; QEMU's overlap check
+// refuses that write (it would land on the header: image marked corrupt, 'Overlap check failed',
+// Check failed). qimg wrote it, over the header cluster's bytes.
+test('an in-place L2 entry repair inside the header cluster', async () => {
+  const f = scratch('diff-leftovers-hdr.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', f, '2G']); // 4 L1 entries
+  mustQemuIo(['-c', 'write -P 1 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const l1 = Number(new DataView(b.buffer).getBigUint64(40));
+  putU64(b, l1 + 8, 0x8000000000001000n); // L1 entry 1: an L2 table at 0x1000 (unaligned)
+  putU64(b, 0x1000 + 8 * 20, 0x8000000000030201n); // its entry 20: zero flag, unaligned offset
+  for (const args of MODES.slice(0, 3)) await both('L2 entry in the header cluster', b, args);
+  // Marking the image corrupt, QEMU rewrites the whole header cluster (zeros after the header
+  // extensions, the poked entry included), where qimg sets one bit: only the outputs compare.
+  const got = await both('L2 entry in the header cluster', b, ['-r', 'all'], false, false);
+  const corrupt = b.slice();
+  corrupt[79] = corrupt[79]! | 2;
+  assert.ok(got.equals(corrupt), 'only the corrupt bit was written');
+  // An active L2 table is left out of the check for its own entry's write: a repair inside one
+  // that overlaps nothing else goes ahead as in QEMU.
+  const c = new Uint8Array(readFileSync(f));
+  const l2 = Number(new DataView(c.buffer).getBigUint64(l1) & 0x00fffffffffffe00n);
+  putU64(c, l2 + 8 * 20, 0x8000000000030201n);
+  await both('unaligned zero entry in an ordinary L2 table', c, ['-r', 'all'], true);
+});
+
+// seed 697317295 case 166: an L1 table so large that it covers its own L2 tables, each of whose
+// OFLAG_COPIED fixes qimg flushed on its own: an fsync per L1 entry and per L2 table made the
+// repair take over 10 s (the fuzzer's limit). The fixes are independent flag flips; one flush
+// after them orders them all before the header is marked clean.
+test('OFLAG_COPIED repairs are flushed once', async () => {
+  const f = scratch('diff-leftovers-copied.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '64M']);
+  const writes: string[] = [];
+  for (let i = 0; i < 32; i++) writes.push('-c', `write -P 1 ${i * 2}M 4k`);
+  mustQemuIo([...writes, f]);
+  const b = new Uint8Array(readFileSync(f));
+  const dv = new DataView(b.buffer);
+  const l1 = Number(dv.getBigUint64(40));
+  for (let i = 0; i < 32; i++) putU32(b, l1 + 8 * i, dv.getUint32(l1 + 8 * i) & 0x7fffffff); // OFLAG_COPIED off
+  await both('32 L1 entries without OFLAG_COPIED', b, ['-r', 'all'], true);
+  const mem = new MemoryFile(b, f);
+  const report = checkFile(mem, f, { repair: 'all' });
+  assert.is(report.corruptionsFixed, 32);
+  assert.ok(mem.flushes < 8, `${mem.flushes} flushes`);
 });
 
 test.run();

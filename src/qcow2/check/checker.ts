@@ -808,6 +808,13 @@ export class CheckPass {
             this.repairable = true;
             if (exact) {
               this.curMsgs.push(`Repairing offset=${hx(ohi, olo)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+              // QEMU's overlap check guards this write like any other (an L2 offset inside the
+              // header cluster would have the repair write over the header).
+              const overlap = metadataOverlap(img, l2Offset + i * ew, ew, activeMult > 0);
+              if (overlap) {
+                this.res.checkErrors++;
+                this.refuseWrite(overlap, 'ERROR: Overlap check failed');
+              }
               const e = new Uint8Array(ew);
               if (!ext) e[7] = 1;
               buf.set(e, p);
@@ -1371,6 +1378,9 @@ export class CheckPass {
     const size = img.header.l1Size;
     const ew = img.l2EntryBytes;
     const t = new Uint8Array(cs);
+    // Each fix flips one flag in place and none depends on another, so one flush at the end
+    // orders them all before the header is marked clean (a flush per table cost an fsync each).
+    let written = false;
     for (let i = 0; i < size; i++) {
       const hi = u32(l1, i * 8);
       const lo = u32(l1, i * 8 + 4);
@@ -1387,7 +1397,7 @@ export class CheckPass {
           const nhi = (rc === 1 ? hi | L.OFLAG_COPIED_HI : hi & ~L.OFLAG_COPIED_HI) >>> 0;
           l1[i * 8] = nhi >>> 24;
           img.file.write(l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
-          img.file.flush();
+          written = true;
           this.res.corruptions--;
           this.res.corruptionsFixed++;
         }
@@ -1419,11 +1429,12 @@ export class CheckPass {
       }
       if (dirty > 0) {
         img.file.write(t, l2);
-        img.file.flush();
+        written = true;
         this.res.corruptions -= dirty;
         this.res.corruptionsFixed += dirty;
       }
     }
+    if (written) img.file.flush();
   }
 
   // ---- rebuild_refcount_structure -------------------------------------------------------------------

@@ -60,8 +60,9 @@ export function encodeRepairedTable(snaps: CheckSnapshot[], diskSize: number): U
  * [offset, offset + size), named as it names them, or null; tested in QEMU's order. A repair
  * allocates only clusters with refcount 0, so this matters where the refcount pass left metadata
  * uncounted: a region running one cluster or more past the end of the file is not counted.
+ * `ignoreActiveL2`: the write is to an active L2 table itself (QEMU leaves that kind out).
  */
-export function metadataOverlap(img: CheckImage, offset: number, size: number): string | null {
+export function metadataOverlap(img: CheckImage, offset: number, size: number, ignoreActiveL2 = false): string | null {
   const cs = img.clusterSize;
   if (offset < cs) return 'qcow2_header';
   const start = Math.floor(offset / cs) * cs;
@@ -72,7 +73,7 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
   if (hits(img.reftableOffset, img.reftableClusters * cs)) return 'refcount table';
   if (hits(img.header.snapshotsOffset, img.snapshotsSize)) return 'snapshot table';
   for (const sn of img.snapshots) if (hits(sn.l1Hi * TWO32 + sn.l1Lo, sn.l1Size * 8)) return 'inactive L1 table';
-  for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
+  if (!ignoreActiveL2) for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
   for (let i = 0; i < img.reftableEntries; i++) if (hits(entry(img.reftable, i), entry(img.reftable, i) ? cs : 0)) return 'refcount block';
   return null;
 }
