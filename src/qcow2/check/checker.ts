@@ -366,7 +366,11 @@ interface TableFindings {
   corruptions: number;
 }
 
-type Step = { kind: 'msg'; msg: string } | { kind: 'l1'; l1: Uint8Array; hi: number; lo: number; size: number; active: boolean };
+/**
+ * What the pass does in traversal order. An L1 table QEMU's block layer refuses to read (`ioError`:
+ * it ends past the largest image length) is counted, then stops the check; no step follows it.
+ */
+type Step = { kind: 'msg'; msg: string } | { kind: 'l1'; l1: Uint8Array; hi: number; lo: number; size: number; active: boolean; ioError?: true };
 
 /**
  * One `bdrv_check` of a qcow2 image in a fix mode (0, FIX_LEAKS, FIX_LEAKS|FIX_ERRORS). Messages
@@ -509,9 +513,18 @@ export class CheckPass {
       this.fastScan(recordCopied);
       if (this.fix & FIX_ERRORS && this.repairable) exact = true;
       else {
-        this.replay(false);
-        this.checkRefblocks();
-        if (this.overflowed()) exact = true;
+        try {
+          this.replay(false);
+        } catch (err) {
+          // A snapshot L1 table that cannot be read ends the count; a counter that saturated
+          // before it must still be reported where QEMU's traversal reaches it.
+          if (!(err instanceof CheckAbort) || !this.overflowed()) throw err;
+          exact = true;
+        }
+        if (!exact) {
+          this.checkRefblocks();
+          if (this.overflowed()) exact = true;
+        }
       }
     }
     if (exact) {
@@ -563,6 +576,12 @@ export class CheckPass {
         continue;
       }
       const off = sn.l1Hi * TWO32 + sn.l1Lo;
+      // bdrv_pread's request check: an unsigned offset of 2^63 or more is negative to QEMU, and
+      // no request may end past its largest image length; either is EIO, which ends the check.
+      if (sn.l1Size && ((BigInt(sn.l1Hi) << 32n) | BigInt(sn.l1Lo)) + BigInt(sn.l1Size * 8) > MAX_IMAGE_LENGTH) {
+        steps.push({ kind: 'l1', l1: EMPTY, hi: sn.l1Hi, lo: sn.l1Lo, size: sn.l1Size, active: false, ioError: true });
+        break;
+      }
       let l1: Uint8Array;
       if (sn.l1Size * 8 <= SMALL_L1_BYTES && off < this.fileLen) {
         // Small tables (typically one after another at the end of the file) through a window.
@@ -579,12 +598,12 @@ export class CheckPass {
   /** Collects, sorts and reads every distinct L2 table once; adds its data references. */
   private fastScan(recordCopied: boolean): void {
     let n = 0;
-    for (const s of this.steps) if (s.kind === 'l1') n += s.size;
+    for (const s of this.steps) if (s.kind === 'l1' && !s.ioError) n += s.size;
     const refs = new Float64Array(n);
     const act = new Uint8Array(n);
     let k = 0;
     for (const s of this.steps) {
-      if (s.kind !== 'l1') continue;
+      if (s.kind !== 'l1' || s.ioError) continue;
       const t = s.l1;
       for (let i = 0; i < s.size; i++) {
         const hi = u32(t, i * 8);
@@ -789,6 +808,13 @@ export class CheckPass {
             this.repairable = true;
             if (exact) {
               this.curMsgs.push(`Repairing offset=${hx(ohi, olo)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
+              // QEMU's overlap check guards this write like any other (an L2 offset inside the
+              // header cluster would have the repair write over the header).
+              const overlap = metadataOverlap(img, l2Offset + i * ew, ew, activeMult > 0);
+              if (overlap) {
+                this.res.checkErrors++;
+                this.refuseWrite(overlap, 'ERROR: Overlap check failed');
+              }
               const e = new Uint8Array(ew);
               if (!ext) e[7] = 1;
               buf.set(e, p);
@@ -897,6 +923,11 @@ export class CheckPass {
       }
       if (s.size === 0) continue;
       this.inc(s.hi * TWO32 + s.lo, s.size * 8, exact, hx(s.hi, s.lo));
+      if (s.ioError) {
+        this.msgs.push('ERROR: I/O error in check_refcounts_l1');
+        this.res.checkErrors++;
+        throw new CheckAbort('Input/output error');
+      }
       const t = s.l1;
       for (let i = 0; i < s.size; i++) {
         const hi = u32(t, i * 8);
@@ -1347,6 +1378,9 @@ export class CheckPass {
     const size = img.header.l1Size;
     const ew = img.l2EntryBytes;
     const t = new Uint8Array(cs);
+    // Each fix flips one flag in place and none depends on another, so one flush at the end
+    // orders them all before the header is marked clean (a flush per table cost an fsync each).
+    let written = false;
     for (let i = 0; i < size; i++) {
       const hi = u32(l1, i * 8);
       const lo = u32(l1, i * 8 + 4);
@@ -1363,7 +1397,7 @@ export class CheckPass {
           const nhi = (rc === 1 ? hi | L.OFLAG_COPIED_HI : hi & ~L.OFLAG_COPIED_HI) >>> 0;
           l1[i * 8] = nhi >>> 24;
           img.file.write(l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
-          img.file.flush();
+          written = true;
           this.res.corruptions--;
           this.res.corruptionsFixed++;
         }
@@ -1395,11 +1429,12 @@ export class CheckPass {
       }
       if (dirty > 0) {
         img.file.write(t, l2);
-        img.file.flush();
+        written = true;
         this.res.corruptions -= dirty;
         this.res.corruptionsFixed += dirty;
       }
     }
+    if (written) img.file.flush();
   }
 
   // ---- rebuild_refcount_structure -------------------------------------------------------------------

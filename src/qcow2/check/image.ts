@@ -172,13 +172,15 @@ export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: str
   const win = new Window(img.file);
   const dec = new TextDecoder();
   let dropped = 0;
-  let pos = off;
+  // Positions relative to the table: past 2^53 an absolute one would round (a 1 KiB ulp at
+  // 2^62), losing the table's size; reads there are past the end of the file (zeros) anyway.
+  let pos = 0;
   let tableLength = 0;
   for (let i = 0; i < nb; i++) {
     const pre = pos;
     tableLength = Math.ceil(tableLength / 8) * 8;
     pos = Math.ceil(pos / 8) * 8;
-    const hdr = win.at(pos, SN_FIXED);
+    const hdr = win.at(off + pos, SN_FIXED);
     pos += SN_FIXED;
     const l1Hi = u32(hdr, L.SN_L1_TABLE_OFFSET);
     const l1Lo = u32(hdr, L.SN_L1_TABLE_OFFSET + 4);
@@ -200,14 +202,14 @@ export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: str
     // extra data as stored, however much of it was kept.
     const extraEnd = pos + extraSize;
     extraSize = Math.min(extraSize, L.MAX_SNAPSHOT_EXTRA_DATA);
-    const extra = repair ? win.at(pos, extraSize).slice() : null;
+    const extra = repair ? win.at(off + pos, extraSize).slice() : null;
     pos = extraEnd;
-    const strs = win.at(pos, idSize + nameSize);
+    const strs = win.at(off + pos, idSize + nameSize);
     const id = cString(strs.subarray(0, idSize));
     const name = cString(strs.subarray(idSize));
     pos += idSize + nameSize;
     tableLength += SN_FIXED + extraSize + idSize + nameSize;
-    if (tableLength > L.MAX_SNAPSHOT_TABLE_BYTES || pos - off > INT_MAX) {
+    if (tableLength > L.MAX_SNAPSHOT_TABLE_BYTES || pos > INT_MAX) {
       if (!repair) {
         msgs.push(`${prog}: ERROR failed to read the snapshot table: Snapshot table is too big`);
         msgs.push(`You can force-remove all ${nb - i} overhanging snapshots with ${prog} check -r all`);
@@ -223,7 +225,7 @@ export function readSnapshotsForCheck(img: CheckImage, msgs: string[], prog: str
     if (repair) sn.raw = { fixed: fixed!, extra: extra!, id: id.slice(), name: name.slice() };
     img.snapshots.push(sn);
   }
-  img.snapshotsSize = pos - off;
+  img.snapshotsSize = pos;
   res.corruptions += overhang + dropped;
   if (overhang) {
     // nb_snapshots first, on its own: the refcount pass counts the table the header describes.

@@ -60,8 +60,9 @@ export function encodeRepairedTable(snaps: CheckSnapshot[], diskSize: number): U
  * [offset, offset + size), named as it names them, or null; tested in QEMU's order. A repair
  * allocates only clusters with refcount 0, so this matters where the refcount pass left metadata
  * uncounted: a region running one cluster or more past the end of the file is not counted.
+ * `ignoreActiveL2`: the write is to an active L2 table itself (QEMU leaves that kind out).
  */
-export function metadataOverlap(img: CheckImage, offset: number, size: number): string | null {
+export function metadataOverlap(img: CheckImage, offset: number, size: number, ignoreActiveL2 = false): string | null {
   const cs = img.clusterSize;
   if (offset < cs) return 'qcow2_header';
   const start = Math.floor(offset / cs) * cs;
@@ -72,7 +73,7 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number): 
   if (hits(img.reftableOffset, img.reftableClusters * cs)) return 'refcount table';
   if (hits(img.header.snapshotsOffset, img.snapshotsSize)) return 'snapshot table';
   for (const sn of img.snapshots) if (hits(sn.l1Hi * TWO32 + sn.l1Lo, sn.l1Size * 8)) return 'inactive L1 table';
-  for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
+  if (!ignoreActiveL2) for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
   for (let i = 0; i < img.reftableEntries; i++) if (hits(entry(img.reftable, i), entry(img.reftable, i) ? cs : 0)) return 'refcount block';
   return null;
 }
@@ -126,17 +127,29 @@ export function rewriteSnapshotTable(img: CheckImage): { freed: number[]; freeFa
   // others' refcounts are some other structure's references, and none is dropped.
   // QEMU meets the clusters in order: one without a refcount block fails with EAGAIN (after QEMU
   // has created that block: qimg does not, the file stays as it was), one at 0 with EINVAL.
+  //
+  // QEMU looks a cluster's refcount block up with its refcount table index cut to 32 bits, so a
+  // table far enough past the end of the file (index 2^32 or more) finds the block of an
+  // unrelated cluster: one at refcount 0 fails the free with EINVAL as above; one in use would
+  // have that unrelated refcount dropped, which qimg does not do (the table's own clusters,
+  // past the end of the file, have no refcount to drop).
   const freed: number[] = [];
   let freeFailed: string | null = null;
   const oldOffset = img.header.snapshotsOffset;
   if (img.snapshotsSize > 0) {
-    const first = Math.floor(oldOffset / cs);
-    const last = Math.floor((oldOffset + img.snapshotsSize - 1) / cs);
+    // Exact past 2^53 (the offset itself is, being cluster aligned and checked when read).
+    const first = BigInt(oldOffset) / BigInt(cs);
+    const last = first + BigInt(Math.floor((img.snapshotsSize - 1) / cs));
+    const per = BigInt(refs.perBlock);
+    const drop: number[] = [];
     for (let ci = first; ci <= last && !freeFailed; ci++) {
-      if (!refs.covers(ci)) freeFailed = 'Resource temporarily unavailable';
-      else if (refs.get(ci) <= 0) freeFailed = 'Invalid argument';
+      const seen = (((ci / per) & 0xffffffffn) * per) | (ci % per);
+      const at = seen >= BigInt(img.reftableEntries) * per ? -1 : Number(seen);
+      if (at < 0 || !refs.covers(at)) freeFailed = 'Resource temporarily unavailable';
+      else if (refs.get(at) <= 0) freeFailed = 'Invalid argument';
+      else if (seen === ci) drop.push(at);
     }
-    for (let ci = first; ci <= last && !freeFailed; ci++) {
+    for (const ci of freeFailed ? [] : drop) {
       refs.add(ci, -1);
       if (refs.get(ci) === 0) freed.push(ci);
     }
