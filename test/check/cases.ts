@@ -2,6 +2,7 @@
 // processes): the base geometries, made once per process, their damaged copies and comparisons.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { mustQemuImg, qemuImg, tmpDir, type RunResult } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
@@ -27,6 +28,23 @@ export function same(got: RunResult, want: RunResult, label: string): void {
   assert.is(got.stderr, want.stderr, `${label}: stderr`);
   assert.is(got.stdout, want.stdout, `${label}: stdout`);
   assert.is(got.status, want.status, `${label}: exit code`);
+}
+
+/**
+ * Poked image bytes through both tools' `check ARGS`, each on a fresh copy at `file`: the same
+ * output and exit code; with `-r` (unless `after` is false) qemu-img check of the two results
+ * must agree too, and with `bytes` the results must be equal files. Returns qimg's result file.
+ */
+export async function checkBoth(file: string, name: string, b: Uint8Array, args: string[], opts: { bytes?: boolean; after?: boolean } = {}): Promise<Buffer> {
+  writeFileSync(file, b);
+  const want = asQimg(qemuImg(['check', ...args, file]));
+  const theirs = qemuImg(['check', file]);
+  const theirBytes = readFileSync(file);
+  writeFileSync(file, b);
+  same(await qimgCheck([...args, file]), want, `${name} (${args.join(' ') || 'check'})`);
+  if ((opts.after ?? true) && args.includes('-r')) same(qemuImg(['check', file]), theirs, `${name}: qemu-img check after ${args.join(' ')}`);
+  if (opts.bytes) assert.ok(readFileSync(file).equals(theirBytes), `${name}: file after ${args.join(' ')}`);
+  return readFileSync(file);
 }
 
 export interface Made {

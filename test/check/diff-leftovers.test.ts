@@ -6,27 +6,13 @@ import * as assert from 'uvu/assert';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
-import { same, scratch } from './cases.js';
+import { checkBoth, scratch } from './cases.js';
 import { putU32, putU64 } from '../fuzz/mutate.js';
 import { MemoryFile } from '../../src/qcow2/io/memory-file.js';
 import { checkFile } from '../../src/qcow2/check/index.js';
 
-/**
- * The poked bytes through both tools' `check ARGS` at one path; with `after`, qemu-img check of
- * the two results must agree too, with `bytes` the results must be equal files. Returns qimg's.
- */
-async function both(name: string, b: Uint8Array, args: string[], bytes = false, after = true): Promise<Buffer> {
-  const f = scratch('diff-leftovers-case.qcow2');
-  writeFileSync(f, b);
-  const want = asQimg(qemuImg(['check', ...args, f]));
-  const theirs = qemuImg(['check', f]);
-  const theirBytes = readFileSync(f);
-  writeFileSync(f, b);
-  same(await qimgCheck([...args, f]), want, `${name} (${args.join(' ') || 'check'})`);
-  if (after && args.includes('-r')) same(qemuImg(['check', f]), theirs, `${name}: qemu-img check after ${args.join(' ')}`);
-  if (bytes) assert.ok(readFileSync(f).equals(theirBytes), `${name}: file after ${args.join(' ')}`);
-  return readFileSync(f);
-}
+const both = (name: string, b: Uint8Array, args: string[], bytes = false, after = true): Promise<Buffer> =>
+  checkBoth(scratch('diff-leftovers-case.qcow2'), name, b, args, { bytes, after });
 
 const MODES = [[], ['--output=json'], ['-r', 'leaks'], ['-r', 'all']];
 

@@ -1,11 +1,10 @@
 // qimg check -r against qemu-img check -r 7.2 on damage found by bench/check-diff.ts: each case
 // pokes a qemu-img-made image and needs the same output, exit code and repaired result.
 import { test } from 'uvu';
-import * as assert from 'uvu/assert';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { QIMG_BIN, mustQemuImg, mustQemuIo, qemuImg, run } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
-import { same, scratch } from './cases.js';
+import { checkBoth, same, scratch } from './cases.js';
 import { putU32, putU64 } from '../fuzz/mutate.js';
 
 const base = scratch('repair-diff-base.qcow2');
@@ -14,21 +13,9 @@ mustQemuIo(['-c', 'write -P 1 0 128k', base]);
 /** The refcount table's offset (header bytes 48..55; below 2^32 here). */
 const REFTABLE = readFileSync(base).readUInt32BE(52);
 
-/**
- * The poked copy through both tools' `check ARGS` at one path, then qemu-img check of each
- * result; with `bytes`, the resulting files must be equal too.
- */
-async function both(name: string, b: Uint8Array, args: string[], bytes = false): Promise<void> {
-  const f = scratch('repair-diff-case.qcow2');
-  writeFileSync(f, b);
-  const want = asQimg(qemuImg(['check', ...args, f]));
-  const theirs = qemuImg(['check', f]);
-  const theirBytes = readFileSync(f);
-  writeFileSync(f, b);
-  same(await qimgCheck([...args, f]), want, `${name} (${args.join(' ')})`);
-  same(qemuImg(['check', f]), theirs, `${name}: qemu-img check after ${args.join(' ')}`);
-  if (bytes) assert.ok(readFileSync(f).equals(theirBytes), `${name}: file after ${args.join(' ')}`);
-}
+const both = async (name: string, b: Uint8Array, args: string[], bytes = false): Promise<void> => {
+  await checkBoth(scratch('repair-diff-case.qcow2'), name, b, args, { bytes });
+};
 
 // seed 1 case 18: QEMU grows the file to take in a refcount block past its end; when it cannot,
 // it says why and rebuilds instead. qimg threw on the length and left the image unrepaired.
