@@ -4,7 +4,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
+import { mustQemuImg, mustQemuIo, qemuImg, qimg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { checkBoth, scratch } from './cases.js';
 import { putU32, putU64 } from '../fuzz/mutate.js';
@@ -134,6 +134,50 @@ test('OFLAG_COPIED repairs are flushed once', async () => {
   const report = checkFile(mem, f, { repair: 'all' });
   assert.is(report.corruptionsFixed, 32);
   assert.ok(mem.flushes < 8, `${mem.flushes} flushes`);
+});
+
+// seed 424242 case 473: the refcount table moved onto a data cluster, so its entries are bytes
+// like 0x8181818181818181 (reserved bits set: each is a corruption). QEMU's lookups still follow
+// the masked offset; at 2^63 and more the block layer refuses the read, so every cluster's lookup
+// is an internal error ('Can't get refcount for cluster N', Check failed, exit 1) and the image
+// end offset stays at one cluster. qimg read zeros there: 'refcount=0' corruptions, exit 2.
+test('refcount table entries whose blocks lie where the block layer cannot read', async () => {
+  const b0 = withSnapshots('rtbig', 'cluster_size=4096,refcount_bits=64', 0);
+  const rt = Number(new DataView(b0.buffer).getBigUint64(48));
+  for (const [name, entry] of [
+    ['2^63 and reserved bits', 0x8181818181818181n],
+    ['2^63, no reserved bits', 0x8000000000001000n],
+  ] as Array<[string, bigint]>) {
+    const b = b0.slice();
+    putU64(b, rt, entry);
+    for (const args of MODES) await both(`refcount block at ${name}`, b, args);
+  }
+});
+
+// seed 424242 case 350: header_length equal to the cluster size (64 KiB), which QEMU accepts.
+// qimg decoded the header from its 4 KiB probe first and called it truncated.
+test('a header_length of a whole 64 KiB cluster', async () => {
+  const f = scratch('diff-leftovers-hl.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  putU32(b, 100, 0x10000); // header_length
+  for (const args of MODES) await both('header_length 0x10000', b, args);
+  writeFileSync(f, b);
+  const info = qimg(['info', f]);
+  assert.is(info.status, 0, info.stderr);
+});
+
+// seed 424242 case 347: extended L2 with 4 KiB clusters. QEMU's open names the subcluster size;
+// qimg used create's wording ('... cluster sizes of at least 16384 bytes').
+test('extended L2 entries with clusters below 16 KiB: the open names the subcluster size', async () => {
+  const f = scratch('diff-leftovers-extl2.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=16384', f, '1M']);
+  for (const bits of [12, 13]) {
+    const b = new Uint8Array(readFileSync(f));
+    putU32(b, 20, bits); // cluster_bits
+    for (const args of MODES.slice(0, 2)) await both(`extended L2, cluster_bits ${bits}`, b, args);
+  }
 });
 
 test.run();

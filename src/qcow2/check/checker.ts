@@ -1159,10 +1159,11 @@ export class CheckPass {
     const lo = u32(img.reftable, t * 8 + 4);
     const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
     if (off === 0) return null;
-    if (off % this.cs) {
+    if (((lo & ~0x1ff) >>> 0) % this.cs) {
       this.signalCorruption(`Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`);
       return 'err';
     }
+    if (this.unreadable(hi, lo)) return 'err';
     let b = this.blockCache.get(t);
     if (b) return b;
     if (cache && !this.fix && this.blockCache.size >= READONLY_CACHED_BLOCKS) {
@@ -1176,6 +1177,17 @@ export class CheckPass {
     else b.fill(0);
     if (cache) this.blockCache.set(t, b);
     return b;
+  }
+
+  /**
+   * A refcount block QEMU's block layer refuses to read (bdrv_pread: an offset of 2^63 or more,
+   * or a block ending past its largest image length): every lookup in it is an I/O error, as an
+   * unaligned one is, but without a corruption event. (Offsets this far out are exact only as
+   * bigints; the block's alignment was tested on the low word, which a cluster size divides.)
+   */
+  private unreadable(hi: number, lo: number): boolean {
+    if (hi < 0x3fffffff) return false; // below 2^62: far inside the limit
+    return ((BigInt(hi) << 32n) | BigInt((lo & ~0x1ff) >>> 0)) + BigInt(this.cs) > MAX_IMAGE_LENGTH;
   }
 
   /** qcow2_get_refcount: the stored refcount of cluster ci, or -1 when it cannot be read. */
@@ -1244,7 +1256,7 @@ export class CheckPass {
     const lo = u32(img.reftable, t * 8 + 4);
     const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
     if (off === 0) return null;
-    if (off % this.cs) return 'err';
+    if (((lo & ~0x1ff) >>> 0) % this.cs || this.unreadable(hi, lo)) return 'err';
     const b = this.scratchBlock ?? (this.scratchBlock = new Uint8Array(this.cs));
     if (off < this.fileLen) readAt(img.file, b, off);
     else b.fill(0);

@@ -63,14 +63,16 @@ export class Qcow2Image implements Layer {
   static readHeader(file: BlockFile): Header {
     const probe = new Uint8Array(Math.min(HEADER_PROBE_BYTES, Math.max(file.size(), 0)));
     readAt(file, probe, 0);
-    let h = decodeHeader(probe);
-    const clusterSize = 2 ** h.clusterBits;
-    if (clusterSize > probe.length && file.size() > probe.length) {
-      const c0 = new Uint8Array(Math.min(clusterSize, file.size()));
+    // The header (header_length, extensions, backing name) may fill the whole first cluster:
+    // decode it from all of cluster 0 when the cluster is larger than the probe. An invalid
+    // cluster_bits is left for decodeHeader to name.
+    const bits = probe.length >= L.H_CLUSTER_BITS + 4 ? u32(probe, L.H_CLUSTER_BITS) : 0;
+    if (bits >= L.MIN_CLUSTER_BITS && bits <= L.MAX_CLUSTER_BITS && 2 ** bits > probe.length && file.size() > probe.length) {
+      const c0 = new Uint8Array(Math.min(2 ** bits, file.size()));
       readAt(file, c0, 0);
-      h = decodeHeader(c0);
+      return decodeHeader(c0);
     }
-    return h;
+    return decodeHeader(probe);
   }
 
   /** Opens the qcow2 structures of `file` (already opened and locked by the caller). */

@@ -337,7 +337,9 @@ export function validateHeader(h: Header, fileSize: number, opts: ValidateOption
     throw new QimgError('UNSUPPORTED', 'Reference count entry width too large; may not exceed 64 bits', { field: 'refcount_order' });
   }
   if (hasIncompat(h, L.INCOMPAT_EXTL2) && h.clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
-    throw new QimgError('BAD_IMAGE', 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes', { field: 'cluster_bits' });
+    // QEMU's open words it by the subcluster (1/32 of a cluster, at least 512 bytes); the
+    // "cluster sizes of at least 16384 bytes" wording is create's.
+    throw new QimgError('BAD_IMAGE', `Unsupported subcluster size: ${clusterSize / 32}`, { field: 'cluster_bits' });
   }
 
   const reftableBytes = h.refcountTableClusters * clusterSize;
