@@ -213,12 +213,18 @@ async function runCase(o: Opts, lane: Lane, i: number, t: Tally): Promise<void> 
 
   /** Runs one check command on a fresh copy under each tool; a difference is recorded. */
   const pair = async (op: string, args: string[], keep?: { qemu: string; qimg: string }): Promise<[Out, Out]> => {
-    fresh();
-    const q = normalised(await exec('qemu-img', ['check', ...args, path], o.timeoutMs));
-    if (keep) renameSync(path, keep.qemu);
-    fresh();
-    const m = await exec(QIMG_BIN, ['check', ...args, path], o.timeoutMs);
-    if (keep) renameSync(path, keep.qimg);
+    const run = async (ms: number): Promise<[Out, Out]> => {
+      fresh();
+      const q = normalised(await exec('qemu-img', ['check', ...args, path], ms));
+      if (keep) renameSync(path, keep.qemu);
+      fresh();
+      const m = await exec(QIMG_BIN, ['check', ...args, path], ms);
+      if (keep) renameSync(path, keep.qimg);
+      return [q, m];
+    };
+    let [q, m] = await run(o.timeoutMs);
+    // Both over the limit says nothing about qimg: let both run longer once and compare those.
+    if (q.timedOut && m.timedOut) [q, m] = await run(o.timeoutMs * 6);
     if (!sameOut(q, m) || q.timedOut !== m.timedOut || m.timedOut) {
       let what = m.timedOut ? 'qimg timed out' : describe(q, m);
       if (!m.timedOut && !q.timedOut && !keep) {

@@ -344,4 +344,41 @@ test('a vm_state_size past 2^53: snapshot -l and info print what qemu-img prints
   assert.is(qemuImg(['check', path]).status, 0);
 });
 
+test('rebase -b "" on an image without a backing file changes nothing, as qemu-img (seed 5150 case 1456)', () => {
+  // qimg rewrote the header anyway (adding a feature name table the damaged header lacked); with
+  // a snapshot table naming cluster 0 as an L2 table, that rewrite added 35 corruptions.
+  const path = image('flatten-unbacked.qcow2', 'cluster_size=4096', '1M', ['write -P 0x21 0 8k'], 's');
+  const b = new Uint8Array(readFileSync(path));
+  b.fill(0, 112, 4096); // no header extensions after the 112-byte v3 header (no feature name table)
+  writeFileSync(path, b);
+  for (const unsafe of [false, true]) {
+    const args = unsafe ? ['rebase', '-u', '-b', ''] : ['rebase', '-b', ''];
+    const copy = join(dir, 'flatten-unbacked-qemu.qcow2');
+    writeFileSync(copy, b);
+    mustQemuImg([...args, copy]);
+    assert.ok(Buffer.compare(readFileSync(copy), Buffer.from(b)) === 0, 'qemu-img leaves it unchanged');
+    const r = qimg([...args, path]);
+    assert.is(r.status, 0, r.stderr);
+    assert.ok(Buffer.compare(readFileSync(path), Buffer.from(b)) === 0, `qimg ${args.join(' ')} changed the file`);
+  }
+});
+
+test('a snapshot L1 table on the active L1 table: rebase refuses before its first write (seed 5150 case 460)', () => {
+  // qemu-img's overlap check refuses the first write (and marks the image corrupt); qimg copied
+  // the backing data in and rewrote the active L1 the snapshot shares: 63 new corruptions.
+  const base = join(dir, 'l1share-base.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', base, '1M']);
+  mustQemuIo(['-f', 'qcow2', '-c', 'write -P 0xa1 0 256k', base]);
+  const path = join(dir, 'l1share.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', 'l1share-base.qcow2', '-F', 'qcow2', path, '1M']);
+  mustQemuImg(['snapshot', '-c', 'o', path]);
+  const b = new Uint8Array(readFileSync(path));
+  putU64(b, u64(b, 64), BigInt(u64(b, 40))); // snapshot 1's l1_table_offset = the active L1's
+  writeFileSync(path, b);
+  const copy = join(dir, 'l1share-qemu.qcow2');
+  writeFileSync(copy, b);
+  assert.is.not(qemuImg(['rebase', '-b', '', copy]).status, 0, 'qemu-img refuses too');
+  refusedUnchanged(path, ['rebase', '-b', ''], /snapshot 1: its L1 table at 0x[0-9a-f]+ \(\d+ entries\) overlaps the active L1 table/);
+});
+
 test.run();

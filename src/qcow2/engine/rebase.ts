@@ -171,7 +171,8 @@ export async function rebase(path: string, opts: RebaseOptions): Promise<void> {
   if (opts.unsafe) {
     const w = await openWriter(path, { openBacking: false, rawError: `Could not change the backing file to '${name}': Operation not supported` });
     try {
-      rewriteBacking(w, name === '' ? null : name, fmt);
+      // No backing file to remove: qemu-img leaves the file as it is (no header rewrite).
+      if (name !== '' || w.header.backingFile !== null) rewriteBacking(w, name === '' ? null : name, fmt);
     } catch (err) {
       await w.abandon();
       throw err;
@@ -221,7 +222,8 @@ export async function rebase(path: string, opts: RebaseOptions): Promise<void> {
       if (k >= 0 && old[k]!.format === newTop.format) prefix = old.slice(0, k);
     }
     copyDifferences(w, top.backing, newTop, prefix, opts.progress);
-    rewriteBacking(w, name === '' ? null : name, fmt);
+    // Flattening an image with no backing file changes nothing, the header included (as qemu-img).
+    if (name !== '' || w.header.backingFile !== null) rewriteBacking(w, name === '' ? null : name, fmt);
   } catch (err) {
     await w.abandon();
     await newTop?.close();

@@ -283,7 +283,15 @@ export class ImageWriter {
     if (hasIncompat(this.header, L.INCOMPAT_DATA_FILE)) {
       throw new QimgError('UNSUPPORTED', `'${this.img.filename}': writing guest data of an image with an external data file is not supported yet`);
     }
+    // Guest writes rewrite active tables and allocate: a snapshot L1 table lying on them (or
+    // past the end of the file, where new clusters go) would take those changes as its own.
+    // QEMU's overlap check refuses such writes one at a time; qimg before the first.
+    if (!this.snapshotsCleared) {
+      this.assertSnapshotsClear();
+      this.snapshotsCleared = true;
+    }
   }
+  private snapshotsCleared = false;
 
   private guard(): void {
     if (this.failed) throw new QimgError('IO', `'${this.img.filename}': an earlier write failed; the image was left crash-consistent and must be reopened`);
