@@ -381,4 +381,24 @@ test('a snapshot L1 table on the active L1 table: rebase refuses before its firs
   refusedUnchanged(path, ['rebase', '-b', ''], /snapshot 1: its L1 table at 0x[0-9a-f]+ \(\d+ entries\) overlaps the active L1 table/);
 });
 
+test('a header rewrite at 4 KiB clusters adds no feature name table, as qemu-img (seed 31337 case 1272)', () => {
+  // qemu-img 7.2 writes none into images with clusters of 4 KiB or less; qimg's rebase added one,
+  // and on an image whose damaged snapshot L1 names cluster 0 as an L2 table that is 35 new errors.
+  const base = join(dir, 'ft-base.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', base, '1M']);
+  for (const [name, args] of [
+    ['unsafe', ['rebase', '-u', '-b', '']],
+    ['flatten', ['rebase', '-b', '']],
+  ] as Array<[string, string[]]>) {
+    const path = join(dir, `ft-${name}.qcow2`);
+    const copy = join(dir, `ft-${name}-qemu.qcow2`);
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', 'ft-base.qcow2', '-F', 'qcow2', path, '1M']);
+    writeFileSync(copy, readFileSync(path));
+    mustQemuImg([...args, copy]);
+    const r = qimg([...args, path]);
+    assert.is(r.status, 0, r.stderr);
+    assert.equal(Array.from(readFileSync(path).subarray(0, 4096)), Array.from(readFileSync(copy).subarray(0, 4096)), `${name}: header cluster`);
+  }
+});
+
 test.run();

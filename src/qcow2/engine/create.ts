@@ -99,8 +99,6 @@ const RAW_PRINT_ORDER: ReadonlyArray<[string, string | null]> = [
 ];
 
 const SECTOR = 512;
-/** Observed on qemu-img 7.2: no feature name table at cluster sizes up to this. */
-const SMALL_CLUSTER_NO_FEATURE_TABLE = 4096;
 const DEFAULT_CLUSTER_SIZE = 65536;
 /** qemu-img's message when the virtual size needs an L1 table over QEMU's 32 MiB cap. */
 const TOO_LARGE_QCOW2 = "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
@@ -660,8 +658,7 @@ export function headerFor(p: Qcow2Params, plan: Qcow2Plan): Header {
     bitmaps: null,
     crypto: null,
   };
-  // QEMU leaves the feature name table out of images with clusters of 4 KiB or less.
-  h.extensions = buildExtensions(h).filter((e) => e.type !== L.EXT_FEATURE_TABLE || cs > SMALL_CLUSTER_NO_FEATURE_TABLE);
+  h.extensions = buildExtensions(h); // no feature name table at 4 KiB clusters or less, as QEMU
   return h;
 }
 

@@ -477,6 +477,9 @@ export function encodeHeader(h: Header): Uint8Array {
 }
 
 /** The extension list QEMU writes for the known fields, in QEMU's order, then unknown ones verbatim. */
+/** Cluster sizes up to this get no feature name table (qemu-img 7.2, on create and header rewrites). */
+const SMALL_CLUSTER_NO_FEATURE_TABLE = 4096;
+
 export function buildExtensions(h: Header): HeaderExtension[] {
   const out: HeaderExtension[] = [];
   if (h.backingFormat !== null) out.push({ type: L.EXT_BACKING_FORMAT, data: encodeString(h.backingFormat) });
@@ -487,7 +490,8 @@ export function buildExtensions(h: Header): HeaderExtension[] {
     setU64(d, 8, h.crypto.length);
     out.push({ type: L.EXT_CRYPTO, data: d });
   }
-  if (h.version >= 3) {
+  // QEMU (7.2, observed) writes no feature name table into images with clusters of 4 KiB or less.
+  if (h.version >= 3 && 2 ** h.clusterBits > SMALL_CLUSTER_NO_FEATURE_TABLE) {
     const names = L.KNOWN_FEATURES;
     const d = new Uint8Array(names.length * L.FEATURE_TABLE_ENTRY_BYTES);
     names.forEach((f, i) => {
