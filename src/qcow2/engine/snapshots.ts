@@ -107,7 +107,7 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
   w.commit();
   // Refuse before changing anything if a refcount would overflow.
   changeTreeRefs(w, [[img.l1, +1]]);
-  // Both new clusters runs are taken now, in memory, so that an allocation QEMU's overlap check
+  // Both new cluster runs are taken now, in memory, so that an allocation QEMU's overlap check
   // would refuse (refs.fence) fails before the first write. On disk their refcounts land with
   // the first commit, ahead of anything naming them: a crash leaves them leaked, no worse.
   const cs = img.clusterSize;
@@ -132,7 +132,6 @@ export function createSnapshotOn(w: ImageWriter, snap: NewSnapshot): SnapshotEnt
 
 /** The table entry of a snapshot being created now, of the active tree at `l1Offset`. */
 function newEntry(img: Qcow2Image, snap: NewSnapshot, l1Offset: number, l1Size: number): SnapshotEntry {
-
   const nameBytes = encodeString(snap.name).subarray(0, L.MAX_SNAPSHOT_NAME_BYTES);
   const us = snap.dateMicros ?? nowMicros();
   const entry: SnapshotEntry = {
