@@ -3,7 +3,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { mustQemuImg, qemuImg, qimg, run, tmpDir, type RunResult } from '../helpers.js';
@@ -55,6 +55,21 @@ for (const args of LINES) {
     }
   });
 }
+
+test('create over an existing larger file replaces its bytes, as qemu-img does', () => {
+  const sub = tmpDir('qimg-create-cli-');
+  const old = Buffer.alloc(8 << 20, 0xff);
+  writeFileSync(join(sub, 'q.img'), old);
+  writeFileSync(join(sub, 'm.img'), old);
+  const q = qemuImg(['create', '-f', 'qcow2', 'q.img', '1M'], {}, sub);
+  const m = qimgCreate(['-f', 'qcow2', 'm.img', '1M'], sub);
+  assert.is(m.status, 0, m.stderr);
+  assert.is(q.status, 0, q.stderr);
+  const a = readFileSync(join(sub, 'q.img'));
+  const b = readFileSync(join(sub, 'm.img'));
+  assert.ok(a.length < old.length, 'qemu-img truncated the old file');
+  assert.ok(a.equals(b), 'byte-identical');
+});
 
 const REFUSALS: Array<[string[], string, boolean]> = [
   // [args, the qemu-img message, whether qemu-img prints the Formatting line first]

@@ -121,7 +121,7 @@ test('read-write qemu-io: both modes refused with qemu-img wording, both fine on
   try {
     const fd = openSync(img, 'r');
     try {
-      assert.ok(heldForWriting(fd));
+      assert.ok(await heldForWriting(fd));
     } finally {
       closeSync(fd);
     }
@@ -148,7 +148,7 @@ test('read-only qemu-io: read allowed, write refused', async () => {
   try {
     const fd = openSync(img, 'r');
     try {
-      assert.not.ok(heldForWriting(fd));
+      assert.not.ok(await heldForWriting(fd));
     } finally {
       closeSync(fd);
     }
@@ -226,7 +226,7 @@ test('another qimg writer excludes readers and writers', async () => {
   try {
     const fd = openSync(img, 'r');
     try {
-      assert.ok(heldForWriting(fd));
+      assert.ok(await heldForWriting(fd));
     } finally {
       closeSync(fd);
     }
@@ -245,7 +245,7 @@ test('another qimg reader allows readers, excludes writers', async () => {
   try {
     const fd = openSync(img, 'r');
     try {
-      assert.not.ok(heldForWriting(fd));
+      assert.not.ok(await heldForWriting(fd));
     } finally {
       closeSync(fd);
     }

@@ -51,6 +51,8 @@ function checkOptions(opts: ConvertOptions): void {
 
 export async function convert(src: string, dst: string, opts: ConvertOptions): Promise<void> {
   checkOptions(opts); // before the source is opened
+  // The writer's modules compile while the source opens (its lock check waits on the kernel).
+  if (opts.outputFormat === 'qcow2') Promise.all([import('./create.js'), import('./writer.js')]).catch(() => undefined);
   const top = await openImage(src, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing });
   try {
     top.assertReadable(); // before the output file exists

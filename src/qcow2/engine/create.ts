@@ -525,7 +525,9 @@ async function openForCreate(path: string): Promise<{ file: NodeFile; lock: Imag
   }
   try {
     const lock = await lockImage(file.fd, path, 'write');
-    file.truncate(0);
+    // A file this call created is still empty: no truncate, whose journal update can wait
+    // for the commit of an earlier unlink, as open(O_TRUNC) skips it for a created file.
+    if (!created || fs.fstatSync(file.fd).size > 0) file.truncate(0);
     return { file, lock };
   } catch (err) {
     file.close();

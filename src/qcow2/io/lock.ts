@@ -24,7 +24,8 @@
 // On systems without /proc/locks heldForWriting() cannot see QEMU and returns false.
 
 import { createRequire } from 'node:module';
-import { fstatSync, readFileSync } from 'node:fs';
+import { fstatSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { QimgError, osReason } from '../errors.js';
 
 export type LockMode = 'read' | 'write';
@@ -76,7 +77,7 @@ export async function lockImage(fd: number, path: string, mode: LockMode): Promi
   const lock = makeLock(fd, mode);
   // Checked after locking, not before: a QEMU writer that starts after this point sees our
   // lock and refuses to open, one that started before is visible now. No window between.
-  if (mode === 'read' && heldForWriting(fd)) {
+  if (mode === 'read' && (await heldForWriting(fd))) {
     await lock.release();
     throw lockedError(path, mode);
   }
@@ -104,11 +105,16 @@ function makeLock(fd: number, mode: LockMode): ImageLock {
   };
 }
 
-/** True when another process holds `path`'s fd for writing (QEMU write-permission byte or a POSIX write lock). */
-export function heldForWriting(fd: number): boolean {
+/**
+ * True when another process holds `path`'s fd for writing (QEMU write-permission byte or a POSIX
+ * write lock). Asynchronous because the first read of /proc/locks in a process sleeps for an RCU
+ * grace period (5-15 ms): on libuv's thread, while this one compiles the modules a command
+ * imports meanwhile.
+ */
+export async function heldForWriting(fd: number): Promise<boolean> {
   let table: string;
   try {
-    table = readFileSync('/proc/locks', 'utf8');
+    table = await readFile('/proc/locks', 'utf8');
   } catch {
     return false;
   }
