@@ -39,6 +39,18 @@ export interface CheckCounts {
   compressedClusters: number;
 }
 
+/**
+ * QEMU keeps the five counts in C ints, so sums past 2^31 wrap: 4294901759 + 65536 + 1 discarded
+ * snapshots count as 0 corruptions fixed, and qemu-img then reports "No errors were found".
+ */
+function wrapToCInt(c: CheckCounts): void {
+  c.corruptions |= 0;
+  c.leaks |= 0;
+  c.checkErrors |= 0;
+  c.corruptionsFixed |= 0;
+  c.leaksFixed |= 0;
+}
+
 export function emptyCounts(): CheckCounts {
   return {
     corruptions: 0,
@@ -450,6 +462,7 @@ export class CheckPass {
     }
     this.res.corruptions += snap.corruptions;
     this.res.corruptionsFixed += snap.corruptionsFixed;
+    wrapToCInt(this.res);
     if (this.fix && this.res.checkErrors === 0 && this.res.corruptions === 0) this.markCleanAndConsistent();
     return this.res;
   }
