@@ -823,7 +823,7 @@ export class CheckPass {
               this.curMsgs.push(`Repairing offset=${hx(ohi, olo)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`);
               // QEMU's overlap check guards this write like any other (an L2 offset inside the
               // header cluster would have the repair write over the header).
-              const overlap = metadataOverlap(img, l2Offset + i * ew, ew, activeMult > 0);
+              const overlap = metadataOverlap(img, l2Offset + i * ew, ew, activeMult > 0 ? 'active L2 table' : null);
               if (overlap) {
                 this.res.checkErrors++;
                 this.refuseWrite(overlap, 'ERROR: Overlap check failed');
@@ -1152,9 +1152,9 @@ export class CheckPass {
    * QEMU's pre-write overlap check refusing a repair write onto `overlap`: the image is marked
    * corrupt, `msg` says which write failed, and the check fails.
    */
-  private refuseWrite(overlap: string, msg: string): never {
+  private refuseWrite(overlap: string, msg: string | null): never {
     this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${overlap})`);
-    this.msgs.push(msg);
+    if (msg !== null) this.msgs.push(msg);
     throw new CheckAbort('Input/output error');
   }
 
@@ -1420,8 +1420,16 @@ export class CheckPass {
         this.msgs.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hx(hi, lo)} refcount=${this.rcStr(Math.floor(l2 / this.cs), rc)}`);
         if (repair) {
           const nhi = (rc === 1 ? hi | L.OFLAG_COPIED_HI : hi & ~L.OFLAG_COPIED_HI) >>> 0;
+          const at = img.header.l1TableOffset + i * 8;
+          // QEMU writes the one entry after its overlap check; a refusal ends the check.
+          const overlap = metadataOverlap(img, at, 8, 'active L1 table');
+          if (overlap) {
+            if (written) img.file.flush();
+            this.res.checkErrors++;
+            this.refuseWrite(overlap, null);
+          }
           l1[i * 8] = nhi >>> 24;
-          img.file.write(l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
+          img.file.write(l1.subarray(i * 8, i * 8 + 8), at);
           written = true;
           this.res.corruptions--;
           this.res.corruptionsFixed++;
@@ -1453,6 +1461,12 @@ export class CheckPass {
         }
       }
       if (dirty > 0) {
+        const overlap = metadataOverlap(img, l2, cs, 'active L2 table');
+        if (overlap) {
+          if (written) img.file.flush();
+          this.res.checkErrors++;
+          this.refuseWrite(overlap, 'ERROR: Could not write L2 table; metadata overlap check failed: Input/output error');
+        }
         img.file.write(t, l2);
         written = true;
         this.res.corruptions -= dirty;

@@ -60,20 +60,20 @@ export function encodeRepairedTable(snaps: CheckSnapshot[], diskSize: number): U
  * [offset, offset + size), named as it names them, or null; tested in QEMU's order. A repair
  * allocates only clusters with refcount 0, so this matters where the refcount pass left metadata
  * uncounted: a region running one cluster or more past the end of the file is not counted.
- * `ignoreActiveL2`: the write is to an active L2 table itself (QEMU leaves that kind out).
+ * `ignore`: the kind the write itself goes to (QEMU leaves it out of the check).
  */
-export function metadataOverlap(img: CheckImage, offset: number, size: number, ignoreActiveL2 = false): string | null {
+export function metadataOverlap(img: CheckImage, offset: number, size: number, ignore: 'active L1 table' | 'active L2 table' | null = null): string | null {
   const cs = img.clusterSize;
   if (offset < cs) return 'qcow2_header';
   const start = Math.floor(offset / cs) * cs;
   const end = Math.ceil((offset + size) / cs) * cs;
   const hits = (at: number, bytes: number) => bytes > 0 && start < at + bytes && at < end;
   const entry = (t: Uint8Array, i: number) => (u32(t, i * 8) & L.OFFSET_MASK_HI) * TWO32 + ((u32(t, i * 8 + 4) & L.OFFSET_MASK_LO) >>> 0);
-  if (hits(img.header.l1TableOffset, img.header.l1Size * 8)) return 'active L1 table';
+  if (ignore !== 'active L1 table' && hits(img.header.l1TableOffset, img.header.l1Size * 8)) return 'active L1 table';
   if (hits(img.reftableOffset, img.reftableClusters * cs)) return 'refcount table';
   if (hits(img.header.snapshotsOffset, img.snapshotsSize)) return 'snapshot table';
   for (const sn of img.snapshots) if (hits(sn.l1Hi * TWO32 + sn.l1Lo, sn.l1Size * 8)) return 'inactive L1 table';
-  if (!ignoreActiveL2) for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
+  if (ignore !== 'active L2 table') for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
   for (let i = 0; i < img.reftableEntries; i++) if (hits(entry(img.reftable, i), entry(img.reftable, i) ? cs : 0)) return 'refcount block';
   return null;
 }
