@@ -110,7 +110,7 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
   try {
     img = CheckImage.open(file, path);
     const backing = img.header.backingFile;
-    if (backing) checkBackingOpens(path, backing, img.header.backingFormat);
+    if (backing) checkBackingOpens(path, backing, img.header.backingFormat, opts.repair !== undefined);
   } catch (err) {
     return fail(report, err);
   }
@@ -215,13 +215,41 @@ const QEMU_DRIVERS = new Set(
     'qcow qcow2 qed quorum raw rbd replication snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat').split(' '),
 );
 
+/** Linux's PATH_MAX: open() refuses a name of this many bytes or more (ENAMETOOLONG). */
+const PATH_MAX = 4096;
+
+/**
+ * An image whose backing file is itself. QEMU opens the chain level by level without looking
+ * for loops, joining the name to the previous level's path: a relative name grows it
+ * ("a" -> "./a" -> "././a") until open() refuses the name as too long, one "Could not open
+ * backing file: " per level in the message. A name that does not grow the path (an absolute
+ * one) never fails there, and qemu-img 7.2 recurses until memory runs out; qimg says so.
+ * `writable`: the check repairs.
+ */
+function selfBacking(path: string, backing: string, writable: boolean): never {
+  let p = resolveBackingPath(path, backing);
+  // A repair opens the image for writing, and the backing open, refusing to share writes,
+  // finds that lock (its own process's, on another open file description) at the first level.
+  if (writable && Buffer.byteLength(p) < PATH_MAX) {
+    throw new QimgError('LOCKED', `Could not open '${path}': Could not open backing file: Failed to get shared "write" lock\nIs another process using the image [${p}]?`);
+  }
+  for (let level = 1; ; level++) {
+    if (Buffer.byteLength(p) >= PATH_MAX) {
+      throw new QimgError('IO', `Could not open '${path}': ${'Could not open backing file: '.repeat(level)}Could not open '${p}': File name too long`);
+    }
+    const next = resolveBackingPath(p, backing);
+    if (next === p) throw new QimgError('BACKING', `Could not open '${path}': backing file '${backing}' forms a loop (it is already in the chain)`);
+    p = next;
+  }
+}
+
 /**
  * What qemu-img check meets opening the backing file, in its order: the driver named by the
  * backing format, the file itself (the system's reason, e.g. 'File name too long'), and for a
  * qcow2 backing file its magic and version. Deeper faults of a damaged backing image are not
  * looked for: check reads nothing through the backing file.
  */
-function checkBackingOpens(path: string, backing: string, stored: string | null): void {
+function checkBackingOpens(path: string, backing: string, stored: string | null, writable: boolean): void {
   // QEMU keeps the format name as a C string.
   const format = stored === null ? null : stored.split('\0')[0]!;
   const fail = (code: QimgError['code'], why: string, data?: Readonly<Record<string, unknown>>) =>
@@ -238,9 +266,9 @@ function checkBackingOpens(path: string, backing: string, stored: string | null)
   if (st.isDirectory()) throw fail('BAD_IMAGE', `'file' driver requires '${bp}' to be a regular file`);
   if (format !== 'qcow2' || !st.isFile()) return;
   // The image being checked holds a POSIX lock, which closing ANY descriptor of the same file
-  // would drop: a backing file that is the image itself is left to the chain checks.
+  // would drop: a backing file that is the image itself is not opened again.
   const self = statSync(path);
-  if (self.dev === st.dev && self.ino === st.ino) return;
+  if (self.dev === st.dev && self.ino === st.ino) selfBacking(path, backing, writable);
   const head = new Uint8Array(8);
   let n = 0;
   try {
