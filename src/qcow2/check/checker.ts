@@ -81,6 +81,8 @@ const DEFAULT_CHUNK = 4 * 1024 * 1024;
 /** Tables closer than this are read together, the gap included. */
 const MAX_GAP = 256 * 1024;
 const TWO32 = 0x100000000;
+const TWO63 = 1n << 63n;
+const TWO64 = 1n << 64n;
 /** Refcount blocks kept by a read-only pass (each one cluster). */
 const READONLY_CACHED_BLOCKS = 16;
 /** Snapshot L1 tables up to this size are read through a shared window. */
@@ -912,6 +914,17 @@ export class CheckPass {
   /** qcow2_inc_refcounts_imrt for metadata (messages straight to the output). */
   private inc(offset: number, size: number, exact: boolean, offHex?: string): void {
     if (size <= 0) return;
+    if (offHex !== undefined && offHex.length === 16 && offHex >= '8') {
+      // At or past 2^63 the offset is negative in QEMU's int64 test against the end of the
+      // file, which only fires where the sum wraps around; otherwise the in-memory refcount
+      // array is grown to the offset's cluster index, an allocation that cannot succeed.
+      let past = BigInt(`0x${offHex}`) - TWO64 + BigInt(size) - BigInt(this.fileLen);
+      if (past < -TWO63) past += TWO64;
+      if (past < BigInt(this.cs)) {
+        this.res.checkErrors++;
+        throw new CheckAbort('Cannot allocate memory');
+      }
+    }
     if (offset + size - this.fileLen >= this.cs) {
       this.msgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offHex ?? numHx(offset)} size 0x${size.toString(16)}`);
       this.res.corruptions++;
