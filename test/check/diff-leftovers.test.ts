@@ -271,4 +271,17 @@ test('a backing file that is the image itself', async () => {
   }
 });
 
+// seed 777 case 652: a snapshot table ending the file in a partial sector, whose first entry's
+// extra_data_size grew by 4 KiB. QEMU tests regions against the file length in whole 512-byte
+// sectors, so the table reaching into the next cluster is not "exceeding the end of the file"
+// for it; qimg tested against the exact length and reported it.
+test('the end of the file is tested in whole sectors', async () => {
+  const b = withSnapshots('sn-sector', 'cluster_size=4096', 1);
+  const dv = new DataView(b.buffer);
+  const table = Number(dv.getBigUint64(64));
+  assert.ok(b.length % 512 !== 0 && b.length - table < 512, `the table ends the file mid-sector (${b.length})`);
+  putU32(b, table + 36, dv.getUint32(table + 36) + 4096); // entry 0's extra_data_size
+  for (const args of MODES) await both('snapshot table in the last partial sector', b, args, true);
+});
+
 test.run();

@@ -882,9 +882,18 @@ export class CheckPass {
     }
   }
 
+  /**
+   * The file's length as QEMU's block layer reports it (whole 512-byte sectors), which
+   * qcow2_inc_refcounts_imrt tests regions against: a table ending in a partial last sector
+   * may reach that much further.
+   */
+  private get sectorEnd(): number {
+    return Math.ceil(this.fileLen / 512) * 512;
+  }
+
   /** qcow2_inc_refcounts_imrt for a data range found in an L2 table (findings go to curMsgs). */
   private incData(offset: number, size: number, mult: number, exact: boolean, offHex: string): void {
-    if (offset + size - this.fileLen >= this.cs) {
+    if (offset + size - this.sectorEnd >= this.cs) {
       this.curMsgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offHex} size 0x${size.toString(16)}`);
       this.curCorr++;
       return;
@@ -918,14 +927,14 @@ export class CheckPass {
       // At or past 2^63 the offset is negative in QEMU's int64 test against the end of the
       // file, which only fires where the sum wraps around; otherwise the in-memory refcount
       // array is grown to the offset's cluster index, an allocation that cannot succeed.
-      let past = BigInt(`0x${offHex}`) - TWO64 + BigInt(size) - BigInt(this.fileLen);
+      let past = BigInt(`0x${offHex}`) - TWO64 + BigInt(size) - BigInt(this.sectorEnd);
       if (past < -TWO63) past += TWO64;
       if (past < BigInt(this.cs)) {
         this.res.checkErrors++;
         throw new CheckAbort('Cannot allocate memory');
       }
     }
-    if (offset + size - this.fileLen >= this.cs) {
+    if (offset + size - this.sectorEnd >= this.cs) {
       this.msgs.push(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offHex ?? numHx(offset)} size 0x${size.toString(16)}`);
       this.res.corruptions++;
       return;
