@@ -284,4 +284,35 @@ test('the end of the file is tested in whole sectors', async () => {
   for (const args of MODES) await both('snapshot table in the last partial sector', b, args, true);
 });
 
+// seed 777 case 702 (and case 22's kind): a repair that marks the image corrupt on its way
+// (a refcount block offset inside a cluster; a second block far out, which the repair makes
+// room for). QEMU's corruption event drops the image's driver, so after its repairs the double
+// check fails: "Check failed: No medium found", exit 1. qimg double-checked and said "No
+// errors". The files differ on purpose: QEMU's last refcount repairs (the leaks) sat in its
+// metadata cache, which the dropped driver never writes; qimg's are on disk.
+test('a repair that marks the image corrupt fails its double check', async () => {
+  const f = scratch('diff-leftovers-dropped.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=4096', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const rt = Number(new DataView(b.buffer).getBigUint64(48));
+  putU64(b, rt + 39 * 8, 0x400n);
+  putU64(b, rt + 241 * 8, 0x1000000000n);
+  for (const args of MODES) {
+    const file = scratch('diff-leftovers-case.qcow2');
+    // (Through checkBoth, not both(): the repaired file is 64 GiB, sparse, and not read back.)
+    writeFileSync(file, b);
+    const want = asQimg(qemuImg(['check', ...args, file]));
+    writeFileSync(file, b);
+    const got = await qimgCheck([...args, file]);
+    assert.is(got.status, want.status);
+    assert.is(got.stdout, want.stdout);
+    assert.is(got.stderr, want.stderr);
+    if (args[1] !== 'all') continue;
+    assert.is(got.status, 1);
+    const r = qemuImg(['check', file]);
+    assert.is(r.status, 0, `qemu-img check after qimg's repair: ${r.stdout}${r.stderr}`);
+  }
+});
+
 test.run();

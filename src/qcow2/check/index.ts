@@ -119,9 +119,18 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
   const passOpts: PassOptions = { chunkBytes: opts.chunkBytes, prog, progress: opts.progress, exact: opts.exact };
   let counts: CheckCounts;
   try {
-    counts = new CheckPass(img, fix, msgs, passOpts).run();
+    const pass = new CheckPass(img, fix, msgs, passOpts);
+    counts = pass.run();
     if (counts.corruptionsFixed || counts.leaksFixed) {
       report.repaired = { leaks: counts.leaksFixed, corruptions: counts.corruptionsFixed };
+      // A repair that marked the image corrupt: QEMU's double check finds no driver behind the
+      // image (its corruption event dropped it), and the corrupt bit a v3 image now carries
+      // stays until a later `-r all` ends without errors.
+      if (pass.markedCorrupt) {
+        report.error = 'Check failed: No medium found';
+        report.exitCode = 1;
+        return report;
+      }
       const again = new CheckPass(CheckImage.open(file, path), 0, msgs, passOpts).run();
       again.leaksFixed = counts.leaksFixed;
       again.corruptionsFixed = counts.corruptionsFixed;
