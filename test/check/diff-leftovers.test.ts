@@ -249,25 +249,39 @@ test('a backing file that is the image itself', async () => {
   mustQemuImg(['rebase', '-u', '-b', `./${name}`, '-F', 'qcow2', f]);
   const b = new Uint8Array(readFileSync(f));
   for (const args of MODES) await both('relative self-reference', b, args, true);
-  mustQemuImg(['rebase', '-u', '-b', f, '-F', 'qcow2', f]);
-  const c = new Uint8Array(readFileSync(f));
-  // A repair opens the image for writing: QEMU's backing open meets that lock at the first level.
-  // (Not through both(): its read-only qemu-img check afterwards would never end.)
-  for (const args of MODES.slice(2)) {
-    writeFileSync(f, c);
-    const want = asQimg(qemuImg(['check', ...args, f]));
-    writeFileSync(f, c);
-    const r = await qimgCheck([...args, f]);
-    assert.is(r.status, want.status);
-    assert.is(r.stderr, want.stderr);
-    assert.ok(readFileSync(f).equals(c), 'file unchanged');
-  }
-  for (const args of MODES.slice(0, 2)) {
-    writeFileSync(f, c);
-    const r = await qimgCheck([...args, f]);
-    assert.is(r.status, 1);
-    assert.is(r.stdout, '');
-    assert.is(r.stderr, `qimg: Could not open '${f}': backing file '${f}' forms a loop (it is already in the chain)\n`);
+  // As a raw backing file it is opened once, read-only; a repair meets its own lock (below).
+  mustQemuImg(['rebase', '-u', '-b', `./${name}`, '-F', 'raw', f]);
+  const raw = new Uint8Array(readFileSync(f));
+  for (const args of MODES) await both('raw self-reference', raw, args, true);
+  // seed 2026 case 27: a bare name, with no format (probed: qcow2), and an absolute one.
+  for (const [label, named] of [
+    ['bare name, probed', name],
+    ['absolute name', f],
+  ] as const) {
+    // The name in cluster 0 by hand: qemu-img rebase -u insists on a backing format.
+    const c = new Uint8Array(readFileSync(f));
+    c.fill(0, 104, 4096); // no header extensions (no backing format)
+    putU64(c, 8, 0x800n);
+    putU32(c, 16, named.length);
+    c.set(Buffer.from(named), 0x800);
+    // A repair opens the image for writing: QEMU's backing open meets that lock at the first level.
+    // (Not through both(): its read-only qemu-img check afterwards would never end.)
+    for (const args of MODES.slice(2)) {
+      writeFileSync(f, c);
+      const want = asQimg(qemuImg(['check', ...args, f]));
+      writeFileSync(f, c);
+      const r = await qimgCheck([...args, f]);
+      assert.is(r.status, want.status, label);
+      assert.is(r.stderr, want.stderr, label);
+      assert.ok(readFileSync(f).equals(c), `${label}: file unchanged`);
+    }
+    for (const args of MODES.slice(0, 2)) {
+      writeFileSync(f, c);
+      const r = await qimgCheck([...args, f]);
+      assert.is(r.status, 1, label);
+      assert.is(r.stdout, '', label);
+      assert.is(r.stderr, `qimg: Could not open '${f}': backing file '${named}' forms a loop (it is already in the chain)\n`, label);
+    }
   }
 });
 

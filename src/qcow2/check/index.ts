@@ -233,15 +233,9 @@ const PATH_MAX = 4096;
  * ("a" -> "./a" -> "././a") until open() refuses the name as too long, one "Could not open
  * backing file: " per level in the message. A name that does not grow the path (an absolute
  * one) never fails there, and qemu-img 7.2 recurses until memory runs out; qimg says so.
- * `writable`: the check repairs.
  */
-function selfBacking(path: string, backing: string, writable: boolean): never {
+function selfBacking(path: string, backing: string): never {
   let p = resolveBackingPath(path, backing);
-  // A repair opens the image for writing, and the backing open, refusing to share writes,
-  // finds that lock (its own process's, on another open file description) at the first level.
-  if (writable && Buffer.byteLength(p) < PATH_MAX) {
-    throw new QimgError('LOCKED', `Could not open '${path}': Could not open backing file: Failed to get shared "write" lock\nIs another process using the image [${p}]?`);
-  }
   for (let level = 1; ; level++) {
     if (Buffer.byteLength(p) >= PATH_MAX) {
       throw new QimgError('IO', `Could not open '${path}': ${'Could not open backing file: '.repeat(level)}Could not open '${p}': File name too long`);
@@ -273,11 +267,19 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     throw fail(e.code, e.message, e.data);
   }
   if (st.isDirectory()) throw fail('BAD_IMAGE', `'file' driver requires '${bp}' to be a regular file`);
-  if (format !== 'qcow2' || !st.isFile()) return;
   // The image being checked holds a POSIX lock, which closing ANY descriptor of the same file
   // would drop: a backing file that is the image itself is not opened again.
   const self = statSync(path);
-  if (self.dev === st.dev && self.ino === st.ino) selfBacking(path, backing, writable);
+  if (st.isFile() && self.dev === st.dev && self.ino === st.ino) {
+    // Opened as raw (or another format) it is read once and the check goes on, a repair too.
+    if (format !== null && format !== 'qcow2') return;
+    // As qcow2 (named, or probed: it is this image), a repair's write lock on the image stops
+    // the backing open at the first level (qemu-img 7.2's observed behaviour); a read-only
+    // check meets the image naming itself again, and so on.
+    if (writable) throw fail('LOCKED', `Failed to get shared "write" lock\nIs another process using the image [${bp}]?`);
+    selfBacking(path, backing);
+  }
+  if (format !== 'qcow2' || !st.isFile()) return;
   const head = new Uint8Array(8);
   let n = 0;
   try {
