@@ -1148,10 +1148,6 @@ export class CheckPass {
   // ---- stored refcounts -----------------------------------------------------------------------
 
   /**
-   * qcow2_signal_corruption: the first event is reported; on a writable image it is fatal and
-   * marks a v3 image corrupt (a successful repair clears the bit again). Later events are silent.
-   */
-  /**
    * Whether this pass marked the image corrupt (a repair's fatal corruption event). QEMU then
    * drops the image's driver: its repairs go on, but nothing more is checked through it.
    */
@@ -1159,6 +1155,10 @@ export class CheckPass {
     return this.signaled && this.img.file.writable;
   }
 
+  /**
+   * qcow2_signal_corruption: the first event is reported; on a writable image it is fatal and
+   * marks a v3 image corrupt (a successful repair clears the bit again). Later events are silent.
+   */
   private signalCorruption(what: string): void {
     if (this.signaled) return;
     this.signaled = true;
