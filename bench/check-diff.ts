@@ -131,11 +131,22 @@ function classify(m: Mismatch, bytes: Uint8Array): Known {
   if (m.op === 'check -r all' && m.qemu.status === 1 && m.qimg.status === 2 && /Snapshot L1 table|l1_size/.test(m.qimg.stderr + m.qemu.stderr)) {
     return 'deliberate: -r all with a snapshot l1_size too large';
   }
-  // README: elsewhere too, qemu-img's overlap check can stop its own repair where qimg goes on
-  // (the repaired files are still compared). Known only when everything before it was equal.
+  // README: a rebuilt refcount structure that qemu-img places on clusters its old refcount table
+  // still names (its overlap check then stops the repair) lands elsewhere in qimg, whose repair
+  // goes on (the repaired files are still compared). Known only when everything before was equal.
   const stop = m.qemu.stderr.indexOf('qcow2: Marking image as corrupt: Preventing invalid write on metadata');
   if (m.op.startsWith('check -r') && m.qemu.status === 1 && stop >= 0 && m.qimg.stderr.startsWith(m.qemu.stderr.slice(0, stop)) && !m.qimg.stderr.includes('Preventing invalid write')) {
     return "deliberate: -r goes on where qemu-img's overlap check stops its repair";
+  }
+  // README: refcount repairs QEMU held in its metadata cache when a corruption event dropped the
+  // image are lost in its file (refcounts below the references, leaks); qimg's are on disk. Known
+  // when qemu-img's file is left under-counted or leaking and qimg's is neither.
+  if (m.op.startsWith('qemu-img check after -r')) {
+    const under = (e: string) => [...e.matchAll(/^ERROR cluster \d+ refcount=(\d+) reference=(\d+)$/gm)].some((x) => Number(x[1]) < Number(x[2]));
+    const leaks = (e: string) => /^Leaked cluster /m.test(e);
+    if ((under(m.qemu.stderr) || leaks(m.qemu.stderr)) && !under(m.qimg.stderr) && !leaks(m.qimg.stderr)) {
+      return "deliberate: refcount fixes qemu-img's dropped cache loses stay on disk";
+    }
   }
   // README: freeing an old snapshot table past 2^53 fails in qemu-img (File too large) and leaves
   // its refcount cache failing every later lookup; qimg's repair finishes. Known when all before
