@@ -329,4 +329,34 @@ test('a repair that marks the image corrupt fails its double check', async () =>
   }
 });
 
+// seed 777 case 198: a refcount table entry naming a block far past the end of the file. The
+// repair grows the file to hold that block, which nothing counted, so the refcounts are rebuilt
+// with a refcount table covering it: past the 8 MiB an open accepts (here 40 GiB of 512-byte
+// clusters at 64 refcounts per block, a 10 MiB table). QEMU double-checks the image it has open
+// and reports it clean; qimg reopened the file for its double check, and that open refused the
+// table ("Check failed: Reference count table too large", exit 1).
+test('a repair whose rebuilt refcount table is larger than an open accepts', async () => {
+  const f = scratch('diff-leftovers-bigreftable.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=64', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 4k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const rt = Number(new DataView(b.buffer).getBigUint64(48));
+  putU64(b, rt + 5 * 8, 40n << 30n);
+  for (const args of [['-r', 'all'], ['-r', 'all', '--output=json']]) {
+    const file = scratch('diff-leftovers-case.qcow2');
+    // (Not through checkBoth: the repaired file is 40 GiB, sparse, and not read back.)
+    writeFileSync(file, b);
+    const want = asQimg(qemuImg(['check', ...args, file]));
+    writeFileSync(file, b);
+    const got = await qimgCheck([...args, file]);
+    assert.is(got.stderr, want.stderr);
+    assert.is(got.stdout, want.stdout);
+    assert.is(got.status, want.status);
+    assert.is(got.status, 0, `${args.join(' ')}: the double check finds the rebuilt image clean`);
+    // Neither tool opens the result any more: its refcount table is over the limit.
+    const r = qemuImg(['check', file]);
+    assert.match(r.stderr, 'Reference count table too large');
+  }
+});
+
 test.run();

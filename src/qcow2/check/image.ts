@@ -65,12 +65,17 @@ export class CheckImage {
     this.l1 = new Uint8Array(0);
   }
 
-  /** Validates and reads what QEMU reads when it opens an image with BDRV_O_CHECK. */
-  static open(file: BlockFile, filename: string): CheckImage {
+  /**
+   * Validates and reads what QEMU reads when it opens an image with BDRV_O_CHECK. `repaired`: the
+   * double check after a repair, which QEMU runs on the image it already has open, so nothing is
+   * validated again: the first open validated every field but the refcount table's, which only the
+   * repair's rebuild changed, and it may have grown that table past the 8 MiB an open accepts.
+   */
+  static open(file: BlockFile, filename: string, repaired = false): CheckImage {
     const header = Qcow2Image.readHeader(file);
     // Check mode accepts an empty refcount table and defers the snapshot table to the check.
     const { snapshotsOffset: _deferredToCheck, ...wide } = header.wide ?? {};
-    validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0, wide }, file.size(), { check: true, noSecrets: true });
+    if (!repaired) validateHeader({ ...header, refcountTableClusters: header.refcountTableClusters || 1, nbSnapshots: 0, snapshotsOffset: 0, wide }, file.size(), { check: true, noSecrets: true });
     const img = new CheckImage(file, filename, header);
     img.l1 = new Uint8Array(header.l1Size * 8);
     readAt(file, img.l1, header.l1TableOffset);

@@ -131,7 +131,7 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
         report.exitCode = 1;
         return report;
       }
-      const again = new CheckPass(CheckImage.open(file, path), 0, msgs, passOpts).run();
+      const again = new CheckPass(CheckImage.open(file, path, true), 0, msgs, passOpts).run();
       again.leaksFixed = counts.leaksFixed;
       again.corruptionsFixed = counts.corruptionsFixed;
       counts = again;
