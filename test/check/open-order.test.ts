@@ -111,6 +111,25 @@ test('a file shorter than its header', async () => {
   }
 });
 
+// check-diff seed 1207 case 44: a header_length of a whole 16 KiB cluster in a file cut to less
+// than that. QEMU reads the header fields and extensions past the end of the file as zeros and
+// checks the image; qimg refused it ('qcow2 header is truncated').
+test('a header_length reaching past the end of the file', async () => {
+  const full = scratch('longhdr.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=16384', full, '1M']);
+  const b = new Uint8Array(readFileSync(full));
+  putU32(b, 100, 0x4000);
+  for (const n of [0x18d2, 0x3000, 200]) {
+    const f = scratch('longhdr-case.qcow2');
+    for (const args of [[], ['--output=json'], ['-r', 'all']]) {
+      writeFileSync(f, b.subarray(0, n));
+      const want = asQimg(qemuImg(['check', ...args, f]));
+      writeFileSync(f, b.subarray(0, n));
+      same(await qimgCheck([...args, f]), want, `${n} bytes, check ${args.join(' ')}`);
+    }
+  }
+});
+
 test('a backing file name is a C string: a leading NUL means no backing file', async () => {
   const top = scratch('nul-top.qcow2');
   mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'open-base.qcow2', '-F', 'qcow2', top, '64M']);

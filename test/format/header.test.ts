@@ -331,6 +331,18 @@ test('a header cut short reads as zeros past the end (as QEMU reads the file)', 
   refusal(() => decodeHeader(V3_PLAIN.subarray(0, 40)), 'qcow2 header too short', 'BAD_IMAGE');
 });
 
+test('a header_length past the end of the bytes reads zeros there (as QEMU reads the file)', () => {
+  // header_length 4096 over 120 bytes: the fields past 104 and the extensions are zeros.
+  const h = decodeHeader(poke32(V3_PLAIN, L.H_HEADER_LENGTH, 4096));
+  assert.is(h.headerLength, 4096);
+  assert.is(h.compressionType, 0);
+  assert.is(h.extensions.length, 0);
+  assert.is(h.tailBytes.length, 4096 - 105);
+  assert.ok(h.tailBytes.every((x) => x === 0));
+  // Still refused past the cluster size.
+  refusal(() => decodeHeader(poke32(V3_PLAIN, L.H_HEADER_LENGTH, 0x10008)), 'qcow2 header exceeds cluster size', 'BAD_IMAGE');
+});
+
 test('refused: version 4 (and 1)', () => {
   refusal(() => decodeHeader(poke32(V3_PLAIN, L.H_VERSION, 4)), 'Unsupported qcow2 version 4', 'UNSUPPORTED');
   refusal(() => decodeHeader(poke32(V3_PLAIN, L.H_VERSION, 1)), 'Unsupported qcow2 version 1', 'UNSUPPORTED');

@@ -64,11 +64,12 @@ export class Qcow2Image implements Layer {
     const probe = new Uint8Array(Math.min(HEADER_PROBE_BYTES, Math.max(file.size(), 0)));
     readAt(file, probe, 0);
     // The header (header_length, extensions, backing name) may fill the whole first cluster:
-    // decode it from all of cluster 0 when the cluster is larger than the probe. An invalid
-    // cluster_bits is left for decodeHeader to name.
+    // decode it from all of cluster 0 when the cluster is larger than the probe, reading zeros
+    // past the end of a shorter file as QEMU does. An invalid cluster_bits is left for
+    // decodeHeader to name (a valid one bounds the buffer at 2 MiB).
     const bits = probe.length >= L.H_CLUSTER_BITS + 4 ? u32(probe, L.H_CLUSTER_BITS) : 0;
-    if (bits >= L.MIN_CLUSTER_BITS && bits <= L.MAX_CLUSTER_BITS && 2 ** bits > probe.length && file.size() > probe.length) {
-      const c0 = new Uint8Array(Math.min(2 ** bits, file.size()));
+    if (bits >= L.MIN_CLUSTER_BITS && bits <= L.MAX_CLUSTER_BITS && 2 ** bits > probe.length) {
+      const c0 = new Uint8Array(2 ** bits);
       readAt(file, c0, 0);
       return decodeHeader(c0);
     }

@@ -133,7 +133,12 @@ export function decodeHeader(buf: Uint8Array): Header {
       throw new QimgError('BAD_IMAGE', 'qcow2 header exceeds cluster size', { field: 'header_length', value: headerLength });
     }
     // The spec asks for a multiple of 8, but QEMU 7.2 opens other lengths, so qimg does too.
-    if (buf.length < headerLength) throw new QimgError('BAD_IMAGE', 'qcow2 header is truncated');
+    // A header longer than the file: QEMU reads zeros past its end.
+    if (buf.length < headerLength) {
+      const padded = new Uint8Array(headerLength);
+      padded.set(buf);
+      buf = padded;
+    }
     incompatibleFeatures = u64n(buf, L.H_INCOMPATIBLE_FEATURES);
     compatibleFeatures = u64n(buf, L.H_COMPATIBLE_FEATURES);
     autoclearFeatures = u64n(buf, L.H_AUTOCLEAR_FEATURES);
