@@ -359,4 +359,28 @@ test('a repair whose rebuilt refcount table is larger than an open accepts', asy
   }
 });
 
+// check-diff seed 1207 case 311: the same repair with the block at 15 TiB. Growing the file
+// works (sparse), but the in-memory refcount array for 2^35 clusters of 512 bytes does not: QEMU's
+// reallocation fails ("Check failed: Cannot allocate memory", exit 1); qimg's typed array threw
+// a RangeError, reported as "internal error: Invalid typed array length".
+test('a repair growing the file past what the refcount array can count', async () => {
+  const f = scratch('diff-leftovers-hugegrow.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=64', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 4k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const rt = Number(new DataView(b.buffer).getBigUint64(48));
+  putU64(b, rt + 5 * 8, 15n << 40n);
+  for (const args of [['-r', 'all'], ['-r', 'all', '--output=json']]) {
+    const file = scratch('diff-leftovers-case.qcow2');
+    writeFileSync(file, b);
+    const want = asQimg(qemuImg(['check', ...args, file]));
+    writeFileSync(file, b);
+    const got = await qimgCheck([...args, file]);
+    assert.is(got.stderr, want.stderr);
+    assert.is(got.stdout, want.stdout);
+    assert.is(got.status, want.status);
+    assert.not.match(got.stderr, 'internal error');
+  }
+});
+
 test.run();

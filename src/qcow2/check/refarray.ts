@@ -3,7 +3,24 @@
 // Starts as bytes (most images have refcounts far below 256) and is promoted to 16, 32 and
 // 64-bit (float) counters only when an entry outgrows its width, so a 1 TiB file costs 16 MiB.
 
+import { CheckAbort } from './image.js';
+
 export type Counters = Uint8Array | Uint16Array | Uint32Array | Float64Array;
+
+/**
+ * A counter array of `n` entries. An allocation that cannot succeed (past V8's typed array
+ * length, or more memory than the machine gives) ends the check as QEMU's failed refcount array
+ * (re)allocation ends it: "Check failed: Cannot allocate memory". The sizes come from the file's
+ * length and the offsets a repair grows it to, so a damaged image can ask for terabytes.
+ */
+function counters(C: new (n: number) => Counters, n: number): Counters {
+  try {
+    return new C(n);
+  } catch (err) {
+    if (err instanceof RangeError) throw new CheckAbort('Cannot allocate memory');
+    throw err;
+  }
+}
 
 export class RefArray {
   a: Counters;
@@ -11,7 +28,7 @@ export class RefArray {
   limit: number;
 
   constructor(length: number) {
-    this.a = new Uint8Array(length);
+    this.a = counters(Uint8Array, length);
     this.limit = 0xff;
   }
 
@@ -22,17 +39,9 @@ export class RefArray {
   /** Switches to the next wider element type (the hot loop re-reads `a` afterwards). */
   promote(): void {
     const old = this.a;
-    let next: Counters;
-    if (old instanceof Uint8Array) {
-      next = new Uint16Array(old.length);
-      this.limit = 0xffff;
-    } else if (old instanceof Uint16Array) {
-      next = new Uint32Array(old.length);
-      this.limit = 0xffffffff;
-    } else {
-      next = new Float64Array(old.length);
-      this.limit = Number.MAX_SAFE_INTEGER;
-    }
+    const [C, limit] = old instanceof Uint8Array ? [Uint16Array, 0xffff] : old instanceof Uint16Array ? [Uint32Array, 0xffffffff] : [Float64Array, Number.MAX_SAFE_INTEGER];
+    const next = counters(C, old.length);
+    this.limit = limit;
     next.set(old);
     this.a = next;
   }
@@ -42,7 +51,7 @@ export class RefArray {
     if (n <= this.a.length) return;
     const len = Math.max(n, Math.ceil(this.a.length * 1.25) + 64);
     const C = this.a.constructor as new (n: number) => Counters;
-    const next = new C(len);
+    const next = counters(C, len);
     next.set(this.a as never);
     this.a = next;
   }
