@@ -2,6 +2,8 @@
 // which fault wins when there are several, the exact messages, 64-bit fields past 2^53, and
 // what the probe makes of other versions. Found by bench/check-diff.ts (seed 3268192428).
 import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
@@ -190,6 +192,30 @@ test('the backing file is opened as its format says before the check', async () 
   mkdirSync(back);
   await both('backing file is a directory');
   rmSync(back, { recursive: true });
+});
+
+// check-diff seed 1207 case 542: a backing file that is a character device. QEMU opens devices
+// with its host_device driver and reads them, so /dev/zero or /dev/null named as qcow2 is 'not in
+// qcow2 format'; qimg skipped every backing file that was not a regular file. A FIFO falls to the
+// 'file' driver, which refuses it after opening it (qemu-img blocks in that open): qimg refuses
+// it without opening.
+test('a backing file that is a device or a FIFO', async () => {
+  for (const [dev, fmt] of [['/dev/zero', 'qcow2'], ['/dev/null', 'qcow2'], ['/dev/zero', 'raw']] as const) {
+    const top = scratch('dev-top.qcow2');
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', dev, '-F', fmt, top, '1M']);
+    for (const args of [[], ['--output=json'], ['-r', 'all']]) {
+      same(await qimgCheck([...args, top]), asQimg(qemuImg(['check', ...args, top])), `${dev} as ${fmt}, check ${args.join(' ')}`);
+    }
+  }
+  const fifo = scratch('backing.fifo');
+  rmSync(fifo, { force: true });
+  execFileSync('mkfifo', [fifo]);
+  const top = scratch('fifo-top.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', fifo, '-F', 'raw', top, '1M']);
+  const r = await qimgCheck([top]);
+  assert.is(r.status, 1);
+  assert.is(r.stderr, `qimg: Could not open '${top}': Could not open backing file: 'file' driver requires '${fifo}' to be a regular file\n`);
+  rmSync(fifo);
 });
 
 test.run();

@@ -1,7 +1,7 @@
 // The checker's public API: check(path) -> CheckReport as `qemu-img check` computes it, and
 // repairRefcounts() for an engine that must repair a dirty image it has open read-write.
 
-import { closeSync, openSync, readSync, statSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readSync, statSync } from 'node:fs';
 import { QimgError, ioError } from '../errors.js';
 import { isQcow2 } from '../format/header.js';
 import { u32 } from '../format/bytes.js';
@@ -266,7 +266,12 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     const e = ioError(err, bp, 'Could not open');
     throw fail(e.code, e.message, e.data);
   }
-  if (st.isDirectory()) throw fail('BAD_IMAGE', `'file' driver requires '${bp}' to be a regular file`);
+  // QEMU opens a character or block device with its host_device driver, which reads it like a
+  // file; anything else that is not a regular file (a directory, a FIFO, a socket) falls to the
+  // 'file' driver, which refuses it. (QEMU opens a FIFO before refusing it, which blocks until a
+  // writer comes; qimg does not open it.)
+  const device = st.isCharacterDevice() || st.isBlockDevice();
+  if (!st.isFile() && !device) throw fail('BAD_IMAGE', `'file' driver requires '${bp}' to be a regular file`);
   // The image being checked holds a POSIX lock, which closing ANY descriptor of the same file
   // would drop: a backing file that is the image itself is not opened again.
   const self = statSync(path);
@@ -279,13 +284,16 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     if (writable) throw fail('LOCKED', `Failed to get shared "write" lock\nIs another process using the image [${bp}]?`);
     selfBacking(path, backing);
   }
-  if (format !== 'qcow2' || !st.isFile()) return;
+  if (format !== 'qcow2') return;
   const head = new Uint8Array(8);
   let n = 0;
   try {
-    const fd = openSync(bp, 'r');
+    // A device that has nothing to read yet (a terminal, say) answers EAGAIN instead of blocking.
+    const fd = openSync(bp, device ? fsConstants.O_RDONLY | fsConstants.O_NONBLOCK : 'r');
     try {
-      n = readSync(fd, head, 0, 8, 0);
+      n = readSync(fd, head, 0, 8, device ? null : 0);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
     } finally {
       closeSync(fd);
     }
