@@ -1,11 +1,12 @@
 // Runs every *.test.js under dist/test with uvu and ends with the line CI reads: `N passed, M failed`.
 //
-//   node dist/test/run.js                 all files, split across child processes (see below)
+//   node dist/test/run.js                 all files, in child processes (see below)
 //   node dist/test/run.js check cli/info  files whose path contains any argument, one process
 //   node dist/test/run.js --child F...    exactly these files, one process (what the children run)
 //
-// Without a filter the files are split across N children (N = env QIMG_TEST_JOBS, else
-// os.availableParallelism(), at most MAX_JOBS; QIMG_TEST_JOBS=1 runs everything in this process).
+// Without a filter the files run in child processes, one file each (the SHARES_FIXTURES files
+// together), at most N at a time (N = env QIMG_TEST_JOBS, else os.availableParallelism(), at most
+// MAX_JOBS; QIMG_TEST_JOBS=1 runs everything in this process), the costliest first.
 // Each child's output is buffered and printed whole when it finishes, so suites never interleave;
 // the children's own final lines are summed into the one printed last. Tests that run at the same
 // time in different processes must not share files: each takes its own directory from tmpDir().
@@ -27,32 +28,35 @@ const self = fileURLToPath(import.meta.url);
 const MAX_JOBS = 3;
 
 /**
- * Seconds each slow file took alone (`node dist/test/run.js --child FILE`, 2 vCPUs, load ~3 from
- * other jobs, 2025-11-26), used to balance the children. Unlisted files are estimated from size.
+ * Seconds each slow file took in a full run (`npm test`, 2 vCPUs, otherwise quiet, 2026-12-07),
+ * used to start the costliest first. Unlisted files are estimated from size.
  */
 const COST: Record<string, number> = {
-  'check/check.test.js': 55, // the three check*.test.js files: 133 s as one file before the split
-  'check/check-more.test.js': 55,
-  'check/check-repair.test.js': 25,
-  'check/snapshot-repair.test.js': 50, // builds a 67 MB table and sweeps crashes under qemu-img check
-  'cli/info.test.js': 49,
-  'fuzz/bounds.test.js': 43,
-  'fuzz/fuzz.test.js': 100, // 56 s, but on 2 worker processes of its own: counted for both cores
-  'cli/chains.test.js': 30,
-  'cli/convert.test.js': 25,
-  'engine/writer.test.js': 25,
-  'cli/errors.test.js': 18,
-  'format/luks.test.js': 17,
-  'cli/create.test.js': 16,
-  'engine/snapshots.test.js': 16,
-  'engine/create.test.js': 15,
-  'cli/render.test.js': 13,
-  'cli/write.test.js': 12,
-  'engine/crash.test.js': 10,
-  'engine/convert.test.js': 11,
+  'check/snapshot-repair.test.js': 101, // builds a 67 MB table and sweeps crashes under qemu-img check
+  'check/diff-leftovers.test.js': 90,
+  'fuzz/fuzz.test.js': 59, // on 2 worker processes of its own
+  'check/check.test.js': 43,
+  'check/check-more.test.js': 37,
+  'engine/snapshots.test.js': 31,
+  'fuzz/bounds.test.js': 29,
+  'check/open-order.test.js': 26,
+  'cli/chains.test.js': 26,
+  'cli/create.test.js': 23,
+  'check/check-repair.test.js': 23,
+  'format/luks.test.js': 18,
+  'engine/create.test.js': 17,
+  'engine/crash.test.js': 15,
+  'cli/errors.test.js': 13,
+  // The SHARES_FIXTURES files: 73 s together.
+  'cli/info.test.js': 40,
+  'cli/convert.test.js': 15,
+  'cli/write.test.js': 10,
   'engine/read.test.js': 8,
-  'engine/chains.test.js': 3,
-  'check/stream.test.js': 3,
+  'engine/convert.test.js': 9,
+  'check/repair-diff.test.js': 9,
+  'cli/render.test.js': 7,
+  'fuzz/regressions.test.js': 7,
+  'check/stream.test.js': 5,
 };
 /** Seconds per byte of compiled test file, for files without a measured cost. */
 const COST_PER_BYTE = 1 / 4000;
@@ -119,20 +123,13 @@ function cost(file: string): number {
 }
 
 /**
- * Longest-first greedy split into `n` groups of similar total cost; the SHARES_FIXTURES files
- * travel together as one unit. Each group keeps path order.
+ * The units of work, most costly first: each file alone, except the SHARES_FIXTURES files, which
+ * travel together as one unit (they run one after another in one child).
  */
-function split(files: string[], n: number): string[][] {
-  const groups = Array.from({ length: n }, () => ({ cost: 0, files: [] as string[] }));
+function units(files: string[]): string[][] {
   const shared = files.filter((f) => SHARES_FIXTURES.includes(relative(root, f)));
-  const units = [...(shared.length ? [shared] : []), ...files.filter((f) => !shared.includes(f)).map((f) => [f])];
-  const byCost = units.map((u) => ({ u, c: u.reduce((s, f) => s + cost(f), 0) })).sort((a, b) => b.c - a.c);
-  for (const { u, c } of byCost) {
-    const g = groups.reduce((best, x) => (x.cost < best.cost ? x : best));
-    g.cost += c;
-    g.files.push(...u);
-  }
-  return groups.filter((g) => g.files.length).map((g) => g.files.sort());
+  const all = [...(shared.length ? [shared] : []), ...files.filter((f) => !shared.includes(f)).map((f) => [f])];
+  return all.map((u) => ({ u, c: u.reduce((s, f) => s + cost(f), 0) })).sort((a, b) => b.c - a.c).map((x) => x.u);
 }
 
 interface ChildResult {
@@ -211,8 +208,20 @@ async function main(): Promise<void> {
   if (args.length) return runHere(all.filter((f) => args.some((x) => f.includes(x))));
   const jobs = Math.min(jobCount(), all.length);
   if (jobs <= 1) return runHere(all);
-  const groups = split(all, jobs);
-  const results = await Promise.all(groups.map((g, i) => runChild(g, `job ${i + 1}/${groups.length}`)));
+  // A pool of `jobs` children, each taking the next unit as it finishes one: the longest units
+  // start first and the short ones fill in, so a stale COST entry costs little balance.
+  const queue = units(all);
+  const results: ChildResult[] = [];
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < queue.length) {
+      const i = next++;
+      const u = queue[i]!;
+      const name = u.length === 1 ? relative(root, u[0]!) : `${u.length} files sharing fixtures/`;
+      results.push(await runChild(u, `unit ${i + 1}/${queue.length} ${name}`));
+    }
+  };
+  await Promise.all(Array.from({ length: jobs }, worker));
   const passed = results.reduce((s, r) => s + r.passed, 0);
   const failed = results.reduce((s, r) => s + r.failed, 0);
   if (failed > 0) process.exitCode = 1;
