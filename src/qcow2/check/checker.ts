@@ -18,6 +18,7 @@ import { readAt } from '../io/file.js';
 import { CheckAbort, readSnapshotsForCheck, Window, type CheckImage } from './image.js';
 import { RefArray } from './refarray.js';
 import { metadataOverlap, rewriteSnapshotTable } from './snapshot-fix.js';
+import { ioBuffer } from '../io/buffers.js';
 
 /** QEMU's block layer: lengths are int64, and no image may exceed INT64_MAX rounded down to 1 GiB. */
 const INT64_MAX = 2n ** 63n - 1n;
@@ -649,7 +650,7 @@ export class CheckPass {
     this.activeMult = am.subarray(0, count);
 
     const cs = this.cs;
-    const buf = new Uint8Array(this.chunk);
+    const buf = ioBuffer(this.chunk);
     let i = 0;
     while (i < count) {
       const start = this.uniq[i]!;

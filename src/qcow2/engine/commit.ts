@@ -19,6 +19,7 @@ import { accumulateTree } from './tree.js';
 import { ImageWriter, openWriter } from './writer.js';
 import { findInChain, layersOf } from './chain.js';
 import { dirname } from 'node:path';
+import { ioBuffer } from '../io/buffers.js';
 
 /** Copy buffer: large enough to stream, small enough to stay out of the way. */
 const COPY_CHUNK = 4 * 1024 * 1024;
@@ -45,7 +46,7 @@ export interface CommitOptions {
  */
 export function copyAboveBase(top: Layer, above: Layer[], target: CommitTarget, progress?: (done: number, total: number) => void): number {
   const size = top.virtualSize;
-  const buf = new Uint8Array(COPY_CHUNK);
+  const buf = ioBuffer(COPY_CHUNK);
   let offset = 0;
   let written = 0;
   let sinceWriteback = 0;
@@ -99,7 +100,7 @@ function writeZeroes(t: CommitTarget, offset: number, len: number): void {
   }
   // A raw file: write zeros only where it does not read as zero already (keeps holes holes).
   const zero = new Uint8Array(Math.min(len, COPY_CHUNK));
-  const cur = new Uint8Array(zero.length);
+  const cur = ioBuffer(zero.length);
   for (let pos = offset; pos < offset + len; pos += zero.length) {
     const n = Math.min(zero.length, offset + len - pos);
     t.image.read(cur.subarray(0, n), pos);

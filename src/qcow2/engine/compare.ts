@@ -6,6 +6,7 @@
 import { BS_ALLOCATED, BS_ZERO, chainStatus } from './map.js';
 import type { Layer } from './layer.js';
 import { openImage, type BackingPolicy, type ImageFormat } from './open.js';
+import { ioBuffer } from '../io/buffers.js';
 
 const IO_BUF = 2 * 1024 * 1024;
 const SECTOR = 512;
@@ -57,8 +58,8 @@ export function compareLayers(a: Layer, b: Layer, opts: { strict?: boolean; prog
   }
   const common = Math.min(sizeA, sizeB);
   const total = Math.max(sizeA, sizeB);
-  const bufA = new Uint8Array(IO_BUF);
-  const bufB = new Uint8Array(IO_BUF);
+  const bufA = ioBuffer(IO_BUF);
+  const bufB = ioBuffer(IO_BUF);
   const mismatch = (at: number): CompareResult => ({ identical: false, lines: [...lines, `Content mismatch at offset ${at}!`], mismatchAt: at });
   let offset = 0;
   while (offset < common) {

@@ -12,6 +12,7 @@ import { availableParallelism } from 'node:os';
 import { ioError } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
 import type { CreateOptions } from './create.js';
+import { ioBuffer } from '../io/buffers.js';
 
 export interface ConvertOptions {
   format?: ImageFormat;
@@ -135,7 +136,7 @@ async function copyOverlapped<P>(
   const takeBuffer = async (): Promise<Uint8Array> => {
     if (buffers < BUFFERS) {
       buffers++;
-      return new Uint8Array(plan.step);
+      return ioBuffer(plan.step);
     }
     // At most BUFFERS - 1 chunks are being read, so one is being written (or waits to be).
     const w = writing.shift()!;
@@ -290,7 +291,7 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
     const size = source.virtualSize;
     const backing = w.img.backing;
     const step = Math.max(cs, Math.floor(CHUNK / cs) * cs);
-    const base = backing ? new Uint8Array(step) : null;
+    const base = backing ? ioBuffer(step) : null;
     const outFile = w.img.file;
     await copyOverlapped<{ kinds: Uint8Array; packed: Uint8Array[] | null }>(source, {
       step,

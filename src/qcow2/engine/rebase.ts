@@ -21,6 +21,7 @@ import { BS_ALLOCATED, layerStatus } from './map.js';
 import { openImage, resolveBackingPath, type BackingPolicy, type ImageFormat } from './open.js';
 import type { Qcow2Image } from './qcow2-image.js';
 import { openWriter, type ImageWriter } from './writer.js';
+import { ioBufferB } from '../io/buffers.js';
 
 /** Compare buffer (QEMU uses 2 MiB too). */
 const CHUNK = 2 * 1024 * 1024;
@@ -72,8 +73,8 @@ export function copyDifferences(w: ImageWriter, oldTop: Layer | null, newTop: La
   const top = w.img;
   const size = top.virtualSize;
   // Buffer views (for the native compare) over word-aligned memory (for the first-word test).
-  const a = Buffer.alloc(CHUNK);
-  const b = Buffer.alloc(CHUNK);
+  const a = ioBufferB(CHUNK);
+  const b = ioBufferB(CHUNK);
   let offset = 0;
   while (offset < size) {
     let len = Math.min(CHUNK, size - offset);

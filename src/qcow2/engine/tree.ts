@@ -9,6 +9,7 @@ import * as L from '../format/layout.js';
 import { readAt } from '../io/file.js';
 import type { Qcow2Image } from './qcow2-image.js';
 import type { RefcountEdit } from './refcounts.js';
+import { ioBuffer } from '../io/buffers.js';
 
 /** Largest single read when L2 tables are adjacent on disk. */
 const MAX_COALESCED_READ = 8 * 1024 * 1024;
@@ -55,7 +56,7 @@ export function forEachL2(img: Qcow2Image, offsets: number[], visit: (offset: nu
     const n = j - i;
     if (start + n * cs > img.fileSize) throw new QimgError('CORRUPT', `L2 table at ${hex(start)} lies past the end of the file`);
     // One reused read buffer: visitors must copy a table they want to keep (they do: slice()).
-    if (scratch.length < n * cs) scratch = new Uint8Array(Math.min(MAX_COALESCED_READ, Math.max(n * cs, scratch.length * 2)));
+    if (scratch.length < n * cs) scratch = ioBuffer(Math.min(MAX_COALESCED_READ, Math.max(n * cs, scratch.length * 2)));
     const buf = scratch.subarray(0, n * cs);
     readAt(img.file, buf, start);
     for (let k = 0; k < n; k++) visit(start + k * cs, buf.subarray(k * cs, (k + 1) * cs));
