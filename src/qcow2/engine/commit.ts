@@ -100,7 +100,7 @@ function writeZeroes(t: CommitTarget, offset: number, len: number): void {
   }
   // A raw file: write zeros only where it does not read as zero already (keeps holes holes).
   const zero = new Uint8Array(Math.min(len, COPY_CHUNK));
-  const cur = ioBuffer(zero.length);
+  const cur = new Uint8Array(zero.length);
   for (let pos = offset; pos < offset + len; pos += zero.length) {
     const n = Math.min(zero.length, offset + len - pos);
     t.image.read(cur.subarray(0, n), pos);
