@@ -377,4 +377,21 @@ test('a repair growing the file past what the refcount array can count', async (
   await repairGrowingFile('hugegrow', 15n << 40n, (got) => assert.not.match(got.stderr, 'internal error'));
 });
 
+// check-diff seed 120702 case 97: a refcount table entry of 2^63 + X. The file cannot grow to
+// that block (EINVAL), so the refcounts are rebuilt, and the first new block lands at X, the end
+// of the file. QEMU's overlap check takes all of bits 9-63 of a refcount table entry as the
+// offset, so 2^63 + X is not X; qimg masked it like an L2 entry (bits 9-55), saw the new block
+// overlap "refcount block" X, and stopped the repair (Check failed, image marked corrupt).
+test('a refcount table entry at 2^63 + X is not a block at X for the overlap check', async () => {
+  const f = scratch('diff-leftovers-reft63.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const rt = Number(new DataView(b.buffer).getBigUint64(48));
+  putU64(b, rt + 8, (1n << 63n) + BigInt(b.length));
+  for (const args of MODES) await both('refcount block 1 at 2^63 + the end of the file', b, args);
+  const fixed = await both('repaired', b, ['-r', 'all']);
+  assert.is(qimg(['check', scratch('diff-leftovers-case.qcow2')]).status, 0, `a clean image after the repair (${fixed.length} bytes)`);
+});
+
 test.run();

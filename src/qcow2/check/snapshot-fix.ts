@@ -74,7 +74,10 @@ export function metadataOverlap(img: CheckImage, offset: number, size: number, i
   if (hits(img.header.snapshotsOffset, img.snapshotsSize)) return 'snapshot table';
   for (const sn of img.snapshots) if (hits(sn.l1Hi * TWO32 + sn.l1Lo, sn.l1Size * 8)) return 'inactive L1 table';
   if (ignore !== 'active L2 table') for (let i = 0; i < img.l1.length / 8; i++) if (hits(entry(img.l1, i), entry(img.l1, i) ? cs : 0)) return 'active L2 table';
-  for (let i = 0; i < img.reftableEntries; i++) if (hits(entry(img.reftable, i), entry(img.reftable, i) ? cs : 0)) return 'refcount block';
+  // A refcount table entry's offset is all of bits 9-63 (QEMU's REFT_OFFSET_MASK), not the 56 bits
+  // of an L1 or L2 entry: a block at 2^63 + X is not at X.
+  const block = (i: number) => u32(img.reftable, i * 8) * TWO32 + ((u32(img.reftable, i * 8 + 4) & L.OFFSET_MASK_LO) >>> 0);
+  for (let i = 0; i < img.reftableEntries; i++) if (hits(block(i), block(i) ? cs : 0)) return 'refcount block';
   return null;
 }
 
