@@ -13,6 +13,7 @@ import {
   encodeCompressed,
   encodeOffset,
   entryOffset,
+  refcountTableEntryOffset,
   isCompressed,
   isCopied,
   l2EntryProblem,
@@ -62,6 +63,16 @@ test('entryOffset takes bits 9-55 and masks flags and reserved bits', () => {
   assert.is(entryOffset(0xffffffff, 0xffffffff), 2 ** 56 - 512);
   assert.is(entryOffset(0xff000000, 0x000001ff), 0);
   assert.is(entryOffset(0x80000000, 0x000301fe), 0x30000);
+});
+
+test('refcountTableEntryOffset takes bits 9-63: only bits 0-8 are reserved in a refcount table entry', () => {
+  assert.is(refcountTableEntryOffset(0x00000000, 0x00050000), 0x50000);
+  assert.is(refcountTableEntryOffset(0x00000000, 0x000501ff), 0x50000);
+  // 2^56 + 0x50000 is not 0x50000 (entryOffset's answer): it lies past the end of any file.
+  assert.is(refcountTableEntryOffset(0x01000000, 0x00050000), 2 ** 56 + 0x50000);
+  assert.is(entryOffset(0x01000000, 0x00050000), 0x50000);
+  assert.is(refcountTableEntryOffset(0x80000000, 0x00020000), 2 ** 63 + 0x20000);
+  assert.ok(refcountTableEntryOffset(0xffffffff, 0xfffffe00) >= 2 ** 64 - 2 ** 12);
 });
 
 test('a 64-bit offset above 2^32', () => {

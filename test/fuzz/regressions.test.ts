@@ -118,6 +118,28 @@ test('a refcount table past the end of the file: resize refuses (its first new r
   assert.ok(Buffer.compare(before, readFileSync(path)) === 0, 'resize changed the file');
 });
 
+test('a refcount table entry with bits 56-63 set: writers refuse (its block was taken at the low bits, a data cluster)', () => {
+  // Found reading the overlap check of check-diff seed 120702 case 97: a refcount table entry's
+  // offset is bits 9-63, but the writer masked it like an L2 entry (bits 9-55), so 2^56 + X was a
+  // refcount block at X. With X a data cluster, snapshot -c wrote refcounts into the guest's data;
+  // qemu-img fails (I/O error) on the block at 2^56 + X.
+  const path = image('rt56.qcow2', 'cluster_size=65536', '1M', ['write -P 0x61 0 64k'], undefined);
+  const b = new Uint8Array(readFileSync(path));
+  const data = entryOff(b, entryOff(b, u64(b, 40))); // l1[0] -> l2[0] -> the data cluster
+  putU64(b, u64(b, 48), (1n << 56n) + BigInt(data));
+  writeFileSync(path, b);
+  const reason = new RegExp(`refcount table entry 0 \\(refcount block at 0x${((1n << 56n) + BigInt(data)).toString(16)}\\) lies past the end of the file`);
+  refusedUnchanged(path, ['snapshot', '-c', 'x'], reason);
+  const before = readFileSync(path);
+  const rs = qimg(['resize', '-f', 'qcow2', path, '+1M']);
+  assert.is(rs.status, 1, rs.stderr);
+  assert.match(rs.stderr, reason);
+  assert.ok(Buffer.compare(before, readFileSync(path)) === 0, 'resize changed the file');
+  const r = qemuImg(['convert', '-O', 'raw', path, join(dir, 'rt56.raw')]);
+  assert.is(r.status, 0, r.stderr);
+  assert.ok(readFileSync(join(dir, 'rt56.raw')).subarray(0, 65536).every((x) => x === 0x61), 'guest data intact');
+});
+
 test('a snapshot L1 table reaching past the end of the file: snapshot -c refuses (new tables landed inside it)', () => {
   // cases 33, 149: a snapshot entry's l1_size = 0x10000.
   const path = image('snl1big.qcow2', 'cluster_size=4096', '1M', ['write -P 0x51 0 8k'], 's1');

@@ -10,7 +10,7 @@
 // tables are on disk, the old ones still point at them.
 
 import { QimgError, hex } from '../errors.js';
-import { entryOffset } from '../format/entries.js';
+import { refcountTableEntryOffset } from '../format/entries.js';
 import { setU64, u32 } from '../format/bytes.js';
 import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refblock.js';
 import { MAX_REFTABLE_BYTES } from '../format/layout.js';
@@ -111,7 +111,7 @@ export class Refcounts {
     this.protect(0, this.clusterSize);
     this.protect(this.location.offset, this.location.clusters * this.clusterSize);
     for (let t = 0; t < this.tableEntries; t++) {
-      const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+      const off = refcountTableEntryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
       if (off !== 0) this.protect(off, this.clusterSize);
     }
   }
@@ -129,7 +129,7 @@ export class Refcounts {
 
   private blockOffset(t: number): number {
     if (t >= this.tableEntries) return 0;
-    const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+    const off = refcountTableEntryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
     if (off % this.clusterSize !== 0) throw new QimgError('CORRUPT', `Refcount table: entry ${t} has unaligned refcount block offset ${hex(off)}`);
     return off;
   }
@@ -161,7 +161,7 @@ export class Refcounts {
 
   /** A reftable entry's block offset without the alignment check (0 when unaligned or absent). */
   private rawBlockOffset(t: number): number {
-    const off = entryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
+    const off = refcountTableEntryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
     return off % this.clusterSize === 0 ? off : 0;
   }
 

@@ -4,7 +4,7 @@
 import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
 import { LITTLE_ENDIAN_HOST, ints32, setU32, setU64, u32 } from '../format/bytes.js';
-import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset } from '../format/entries.js';
+import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset, refcountTableEntryOffset } from '../format/entries.js';
 import { buildExtensions, encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
 import type { BlockFile } from '../io/file.js';
@@ -225,7 +225,7 @@ export class ImageWriter {
     const activeL2 = this.activeL2Clusters();
     const rt = refs.reftable;
     for (let t = 0; t * 8 < rt.length; t++) {
-      const off = entryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
+      const off = refcountTableEntryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
       if (off === 0) continue;
       const where = `refcount table entry ${t} (refcount block at ${hex(off)})`;
       if (off % cs !== 0) fail(`${where} is unaligned`);
@@ -264,7 +264,7 @@ export class ImageWriter {
     const rt = this.refs.reftable;
     mark(this.refs.location.offset, this.refs.location.clusters * cs, 'refcount table');
     for (let t = 0; t * 8 < rt.length; t++) {
-      const off = entryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
+      const off = refcountTableEntryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
       if (off !== 0) mark(off, cs, 'refcount block');
     }
     mark(h.l1TableOffset, h.l1Size * 8, 'active L1 table');

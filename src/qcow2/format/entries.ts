@@ -27,9 +27,17 @@ export const ClusterKind = {
 } as const;
 export type ClusterKind = (typeof ClusterKind)[keyof typeof ClusterKind];
 
-/** Bits 9-55 of a (hi, lo) word: the offset field of L1, standard L2 and refcount table entries. */
+/** Bits 9-55 of a (hi, lo) word: the offset field of L1 and standard L2 entries. */
 export function entryOffset(hi: number, lo: number): number {
   return (hi & L.OFFSET_MASK_HI) * 0x100000000 + ((lo & L.OFFSET_MASK_LO) >>> 0);
+}
+
+/**
+ * Bits 9-63 of a (hi, lo) word: the offset field of a refcount table entry (the spec reserves only
+ * bits 0-8 there). Past 2^53 the value is not exact, but it is past the end of every file.
+ */
+export function refcountTableEntryOffset(hi: number, lo: number): number {
+  return (hi >>> 0) * 0x100000000 + ((lo & L.OFFSET_MASK_LO) >>> 0);
 }
 
 export function isCopied(hi: number): boolean {
