@@ -172,6 +172,8 @@ function classify(m: Mismatch, bytes: Uint8Array): Known {
       return 'deliberate: freeing a snapshot table past a wrapping refcount-table index drops nothing';
     }
   }
+  // README: a device node named as the backing file is never opened (qemu-img reads it).
+  if (/^\/dev\//.test(backingName(bytes))) return 'deliberate: device nodes named as backing files are never opened';
   // README: protocol and json: backing names are never followed (qemu-img tries to connect).
   if (/Could not open backing file: .*'(json:|[a-z+]+:\/\/)/.test(m.qimg.stderr)) return 'deliberate: protocol / json: backing names are never followed';
   // README: with unknown autoclear bits qemu-img's repair rewrites the header before it reads the
@@ -180,6 +182,16 @@ function classify(m: Mismatch, bytes: Uint8Array): Known {
   const nbSnapshots = bytes.length >= 64 ? (bytes[60]! | bytes[61]! | bytes[62]! | bytes[63]!) : 0;
   if (m.op.includes('-r ') && autoclearUnknown && nbSnapshots && bytes[7] === 3) return 'deliberate: unknown autoclear bits (qemu-img -r drops the snapshots)';
   return null;
+}
+
+/** The header's backing file name as Latin-1 (empty when absent or outside the bytes). */
+function backingName(bytes: Uint8Array): string {
+  if (bytes.length < 20) return '';
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const off = Number(dv.getBigUint64(8));
+  const len = dv.getUint32(16);
+  if (off === 0 || off + len > bytes.length) return '';
+  return Buffer.from(bytes.subarray(off, off + len)).toString('latin1');
 }
 
 /** Whether the header's snapshot table lies at a refcount-table index of 2^32 or more. */
