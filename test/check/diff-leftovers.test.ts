@@ -394,4 +394,20 @@ test('a refcount table entry at 2^63 + X is not a block at X for the overlap che
   assert.is(qimg(['check', scratch('diff-leftovers-case.qcow2')]).status, 0, `a clean image after the repair (${fixed.length} bytes)`);
 });
 
+// check-diff seed 31207 case 532: the refcount table moved onto data (0xa2 bytes), so entry 0 is
+// 0xa2a2a2a2a2a2a2a2. QEMU's corruption message prints the unaligned block offset in full,
+// 0xa2a2a2a2a2a2a200; qimg printed it from a number past 2^53, whose low bits were lost (...a000).
+test('an unaligned refcount block offset past 2^53 is printed exactly', async () => {
+  const f = scratch('diff-leftovers-rtdata.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '1M']);
+  mustQemuIo(['-c', 'write -P 0xa2 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  const dv = new DataView(b.buffer);
+  const l2 = Number(dv.getBigUint64(Number(dv.getBigUint64(40))) & 0x00fffffffffffe00n);
+  putU64(b, 48, dv.getBigUint64(l2) & 0x00fffffffffffe00n); // refcount_table_offset = data cluster 0
+  for (const args of MODES.slice(0, 2)) await both('refcount table on 0xa2 data', b, args);
+  const r = await qimgCheck([scratch('diff-leftovers-case.qcow2')]);
+  assert.match(r.stderr, 'Refblock offset 0xa2a2a2a2a2a2a200 unaligned');
+});
+
 test.run();

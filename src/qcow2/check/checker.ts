@@ -1204,7 +1204,8 @@ export class CheckPass {
     const off = hi * TWO32 + ((lo & ~0x1ff) >>> 0);
     if (off === 0) return null;
     if (((lo & ~0x1ff) >>> 0) % this.cs) {
-      this.signalCorruption(`Refblock offset 0x${numHx(off)} unaligned (reftable index: ${hxAlt(0, t)})`);
+      // From the words, not `off`: past 2^53 the number has lost the low bits QEMU prints.
+      this.signalCorruption(`Refblock offset 0x${hx(hi, (lo & ~0x1ff) >>> 0)} unaligned (reftable index: ${hxAlt(0, t)})`);
       return 'err';
     }
     if (this.unreadable(hi, lo)) return 'err';
