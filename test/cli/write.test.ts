@@ -92,6 +92,41 @@ test('resize grows and shrinks like qemu-img, with its messages', () => {
   }
 });
 
+// Found by the ops differential fuzz (bench/ops-diff.ts, seed 1 case 0): qimg grew a v2 image
+// with snapshots, rounded sizes to 512 bytes, took a size of 0, and read `-- -1M` as an option.
+test('resize takes sizes exactly as qemu-img does: no rounding, -- before a negative size, v2 images with snapshots refused', () => {
+  const dir = tmpDir();
+  const cases: Array<{ fmt: string; create: string[]; snap?: boolean; args: string[] }> = [];
+  for (const fmt of ['qcow2', 'raw']) {
+    for (const args of [['+511'], ['1048577'], ['--', '-1M'], ['--shrink', '--', '-2M'], ['--shrink', '--', '-1000'], ['--shrink', '0'], ['-1k'], ['--shrink', '-1k']]) {
+      cases.push({ fmt, create: [], args });
+    }
+  }
+  cases.push({ fmt: 'qcow2', create: ['-o', 'compat=0.10'], snap: true, args: ['1M'] });
+  cases.push({ fmt: 'qcow2', create: ['-o', 'compat=0.10'], snap: true, args: ['+1k'] });
+  cases.push({ fmt: 'qcow2', create: ['-o', 'compat=0.10'], snap: true, args: ['+511'] });
+  cases.push({ fmt: 'qcow2', create: [], snap: true, args: ['--shrink', '--', '-1k'] });
+  cases.push({ fmt: 'qcow2', create: [], snap: true, args: ['+1k'] });
+  for (const c of cases) {
+    const a = join(dir, 'a.img');
+    const b = join(dir, 'b.img');
+    mustQemuImg(['create', '-q', '-f', c.fmt, ...c.create, a, '1M']);
+    if (c.snap) mustQemuImg(['snapshot', '-c', 's', a]);
+    copyFileSync(a, b);
+    const at = (f: string) => (c.args.includes('--') ? [...c.args.slice(0, -2), f, ...c.args.slice(-2)] : [...c.args.slice(0, -1), f, c.args[c.args.length - 1]!]);
+    const q = qemuImg(['resize', '-f', c.fmt, ...at(b)]);
+    const m = qimg(['resize', '-f', c.fmt, ...at(a)]);
+    const what = `${c.fmt} ${c.create.join(' ')}${c.snap ? ' with a snapshot' : ''}: resize ${c.args.join(' ')}`;
+    assert.is(m.status, q.status, `${what}: ${m.stderr} vs ${q.stderr}`);
+    assert.is(m.stdout, q.stdout, what);
+    assert.is(m.stderr.replace(/qimg: /g, '').split(a).join('F'), q.stderr.replace(/qemu-img: /g, '').split(b).join('F'), what);
+    assert.is(statSync(a).size, statSync(b).size, `${what}: file size`);
+    if (c.fmt === 'qcow2') {
+      clean(a);
+      identical(a, b);
+    }
+  }
+});
 
 test('writers refuse an image a live qemu-io holds, with qemu-img wording, and change nothing', async () => {
   const dir = tmpDir();

@@ -7,18 +7,17 @@ import { writeStderr, writeStdout } from '../output.js';
 import { parseSizeOption } from '../size.js';
 
 export async function run(argv: string[]): Promise<number> {
-  // A leading '-' on the size is a sign, not an option, once the file name is known.
-  const p = parseArgs('resize', argv.map((a, i) => (i === argv.length - 1 && /^-\d/.test(a) ? `--size-minus=${a.slice(1)}` : a)), [
+  // The size is always the last argument, taken before the options are parsed (as qemu-img
+  // does), so a negative size is never read as an option, with or without `--`.
+  if (argv.length < 2) throw usage('resize', 'Not enough arguments');
+  const sizeText = argv[argv.length - 1]!;
+  const p = parseArgs('resize', argv.slice(0, -1), [
     { key: 'format', short: 'f', value: true },
     { key: 'shrink', long: ['shrink'] },
     { key: 'quiet', short: 'q' },
-    { key: 'size-minus', long: ['size-minus'], value: true },
   ]);
-  const minus = p.opts.get('size-minus')?.[0];
-  const pos = minus !== undefined ? [...p.positionals, `-${minus}`] : p.positionals;
-  if (pos.length < 2) throw usage('resize', 'Not enough arguments');
-  if (pos.length > 2) throw usage('resize', 'Expecting image file name and size');
-  const [file, sizeText] = pos as [string, string];
+  if (p.positionals.length !== 1) throw usage('resize', 'Expecting image file name and size');
+  const file = p.positionals[0]!;
   const sign = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
   const n = parseSizeOption('size', sign === 0 ? sizeText : sizeText.slice(1));
   if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new QimgError('UNSUPPORTED', `Image size ${n} is too large for qimg`);

@@ -19,14 +19,20 @@ export async function resize(path: string, size: number, relative: 0 | 1 | -1, o
   let done = false;
   try {
     const current = layer.virtualSize;
-    // qemu-img works in 512-byte sectors: sizes round up to the next one.
-    const target = Math.ceil((relative === 0 ? size : current + relative * size) / 512) * 512;
-    if (target < 0) throw new QimgError('USAGE', 'New image size must be positive');
+    // Exact bytes, as qemu-img takes them: a raw file gets any length, qcow2 refuses below.
+    const target = relative === 0 ? size : current + relative * size;
+    if (target <= 0) throw new QimgError('USAGE', 'New image size must be positive');
     if (target < current && !opts.shrink) {
       throw new QimgError(
         'USAGE',
         "Use the --shrink option to perform a shrink operation.\nqimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
       );
+    }
+    if (layer instanceof Qcow2Image) {
+      if (target % 512 !== 0) throw new QimgError('USAGE', 'The new size must be a multiple of 512');
+      // A v2 snapshot need not record its disk size: reverting to it after a resize would take
+      // the new size for its own. QEMU refuses any resize of such an image (the same size too).
+      if (layer.header.version < 3 && layer.snapshots.length > 0) throw new QimgError('UNSUPPORTED', "Can't resize a v2 image which has snapshots");
     }
     if (layer instanceof Qcow2Image) {
       const w = await writerFor(layer, opts.onRepair);
