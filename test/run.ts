@@ -38,6 +38,7 @@ const COST: Record<string, number> = {
   'check/check.test.js': 43,
   'check/check-more.test.js': 37,
   'engine/snapshots.test.js': 31,
+  'fuzz/ops.test.js': 20, // qimg and qemu-img, step by step, on twin images
   'fuzz/bounds.test.js': 29,
   'check/open-order.test.js': 26,
   'cli/chains.test.js': 26,
