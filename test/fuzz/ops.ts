@@ -9,7 +9,7 @@
 // command runs with the copy's directory as cwd, so file names in messages agree.
 
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QIMG_BIN } from '../helpers.js';
 import { Rng, caseSeed } from './mutate.js';
@@ -88,9 +88,18 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
   const log: string[] = [`create -f qcow2 -o ${shape.options} img.qcow2 ${size}`];
   const fail = (step: number, op: string, what: string): OpsFinding => ({ seed: runSeed, index, step, op, what, log });
 
-  // Both start from the same image, made by qemu-img.
+  // Both start from the same image, made by qemu-img; sometimes an overlay on a base with data.
+  const backed = rng.chance(0.3);
+  const baseCluster = rng.pick([512, 4096, 65536]);
+  const baseWrites = [`write -P 0xb1 0 ${size >> 1}`, `write -z ${size >> 2} ${size >> 3}`];
+  if (backed) log.push(`(img.qcow2 backed by base.qcow2: cluster_size=${baseCluster}, ${baseWrites.join(', ')})`);
   for (const d of [a, b]) {
-    const o = exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', shape.options, 'img.qcow2', String(size)], d);
+    if (backed) {
+      const o = exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${baseCluster}`, 'base.qcow2', String(size)], d);
+      if (o.status !== 0) return fail(0, 'create base', `qemu-img create failed: ${o.stderr.trim()}`);
+      exec('qemu-io', ['-f', 'qcow2', ...baseWrites.flatMap((w) => ['-c', w]), 'base.qcow2'], d);
+    }
+    const o = exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', shape.options, ...(backed ? ['-b', 'base.qcow2', '-F', 'qcow2'] : []), 'img.qcow2', String(size)], d);
     if (o.status !== 0) return fail(0, log[0]!, `qemu-img create failed: ${o.stderr.trim()}`);
   }
   const snapshots: string[] = [];
@@ -105,6 +114,7 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
     let both: [string[], string[]] | null = null;
     let io: string | null = null;
     let extra: ((d: string) => string[]) | null = null;
+    let replace = false;
     if (r < 0.3) {
       const [off, len] = range(rng, size, cs);
       const k = rng.int(10);
@@ -129,7 +139,17 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       const arg = grow ? `+${delta}` : `-${Math.min(delta, size - 512)}`;
       both = [['resize', ...shrink, '-f', 'qcow2', 'img.qcow2', arg], ['resize', ...shrink, '-f', 'qcow2', 'img.qcow2', arg]];
       op = `resize ${[...shrink, arg].join(' ')}`;
-    } else if (r < 0.83) {
+    } else if (r < 0.78) {
+      // Each side's own compressed copy becomes its image (snapshots and backing dropped), so
+      // later steps write over compressed clusters qimg (or qemu-img) wrote.
+      const o = ['-o', `cluster_size=${cs},compat=${shape.v3 ? '1.1' : '0.10'}${shape.extendedL2 ? ',extended_l2=on' : ''}`];
+      both = [
+        ['convert', '-f', 'qcow2', '-O', 'qcow2', '-c', ...o, 'img.qcow2', 'img.new'],
+        ['convert', '-f', 'qcow2', '-O', 'qcow2', '-c', ...o, 'img.qcow2', 'img.new'],
+      ];
+      op = `convert -c ${o.join(' ')} img.qcow2 img.new; mv img.new img.qcow2`;
+      replace = true;
+    } else if (r < 0.85) {
       const c = rng.chance(0.3) ? ['-c'] : [];
       const o = rng.chance(0.5) ? ['-o', `cluster_size=${rng.pick([512, 4096, 65536])}`] : [];
       const l = snapshots.length && rng.chance(0.3) ? ['-l', rng.pick(snapshots)] : [];
@@ -139,7 +159,7 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       ];
       op = `convert ${[...c, ...o, ...l].join(' ')} img.qcow2 out.qcow2`;
       extra = () => ['out.qcow2'];
-    } else if (r < 0.92) {
+    } else if (r < 0.93) {
       // An external snapshot: an overlay on img, a write into it, then commit it back.
       const [off, len] = range(rng, size, cs);
       const drop = rng.chance(0.3) ? ['-d'] : [];
@@ -169,9 +189,10 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
           exec('qemu-io', ['-f', 'qcow2', '-c', w2, 'base2.qcow2'], d);
         }
       }
-      const target = flatten ? ['-b', ''] : ['-b', 'base2.qcow2', '-F', 'qcow2'];
+      const unsafe = !flatten && rng.chance(0.25) ? ['-u'] : [];
+      const target = flatten ? ['-b', ''] : [...unsafe, '-b', 'base2.qcow2', '-F', 'qcow2'];
       both = [['rebase', '-f', 'qcow2', ...target, 'ov.qcow2'], ['rebase', '-f', 'qcow2', ...target, 'ov.qcow2']];
-      op = flatten ? `overlay ov.qcow2 (${w}) then rebase -b ""` : `overlay ov.qcow2 (${w}), base2 = img + (${w2}), then rebase -b base2.qcow2`;
+      op = flatten ? `overlay ov.qcow2 (${w}) then rebase -b ""` : `overlay ov.qcow2 (${w}), base2 = img + (${w2}), then rebase ${unsafe.join('')} -b base2.qcow2`;
       extra = () => ['ov.qcow2'];
     }
     log.push(op);
@@ -186,6 +207,10 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       const theirs = qemuOut(both[1], b);
       if (mine.status !== theirs.status || mine.stdout !== theirs.stdout || mine.stderr !== theirs.stderr) {
         return fail(step, op, `outputs differ:\n  qimg:     exit ${mine.status} ${JSON.stringify(mine.stdout)} ${JSON.stringify(mine.stderr)}\n  qemu-img: exit ${theirs.status} ${JSON.stringify(theirs.stdout)} ${JSON.stringify(theirs.stderr)}`);
+      }
+      if (mine.status === 0 && replace) {
+        for (const d of [a, b]) renameSync(join(d, 'img.new'), join(d, 'img.qcow2'));
+        snapshots.length = 0;
       }
       if (mine.status === 0) {
         if (op.startsWith('snapshot -c')) snapshots.push(both[0][2]!);
