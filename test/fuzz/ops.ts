@@ -29,6 +29,8 @@ export interface OpsFinding {
   what: string;
   /** Every step up to and including the failing one, to replay by hand. */
   log: string[];
+  /** Set when the difference is a deliberate one (README.md), which ends the case. */
+  known?: string;
 }
 
 const ENV = { ...process.env, LC_ALL: 'C', TZ: 'UTC' } as Record<string, string>;
@@ -206,6 +208,11 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       const mine = qimgOut(both[0], a);
       const theirs = qemuOut(both[1], b);
       if (mine.status !== theirs.status || mine.stdout !== theirs.stdout || mine.stderr !== theirs.stderr) {
+        // README: an apply nets the two trees' changes where QEMU adds one then subtracts the
+        // other, so qimg reverts where a refcount passes its maximum only on the way.
+        if (op.startsWith('snapshot -a') && mine.status === 0 && /Failed to load snapshot: Invalid argument/.test(theirs.stderr)) {
+          return { ...fail(step, op, 'qemu-img overflowed a refcount on the way (deliberate difference)'), known: 'apply-net' };
+        }
         return fail(step, op, `outputs differ:\n  qimg:     exit ${mine.status} ${JSON.stringify(mine.stdout)} ${JSON.stringify(mine.stderr)}\n  qemu-img: exit ${theirs.status} ${JSON.stringify(theirs.stdout)} ${JSON.stringify(theirs.stderr)}`);
       }
       if (mine.status === 0 && replace) {
@@ -221,7 +228,7 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
 
     for (const f of ['img.qcow2', ...(extra ? extra(a) : [])]) {
       if (!existsSync(join(a, f)) && !existsSync(join(b, f))) continue;
-      const bad = agree(a, b, f);
+      const bad = agree(a, b, f) ?? (step === steps || rng.chance(0.25) ? readsAgree(a, b, f) : null);
       if (bad) return fail(step, op, `${f}: ${bad}`);
     }
     for (const f of extra ? extra(a) : []) for (const d of [a, b]) rmSync(join(d, f), { force: true });
@@ -243,6 +250,34 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
 function virtualSize(d: string): number {
   const o = exec('qemu-img', ['info', '--output=json', '-f', 'qcow2', 'img.qcow2'], d);
   return (JSON.parse(o.stdout) as { 'virtual-size': number })['virtual-size'];
+}
+
+const DATE = /\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g;
+const JSON_DATE = /"date-(sec|nsec)": \d+/g;
+
+/**
+ * The read commands on qimg's image: qimg and qemu-img must print the same for the same file
+ * (snapshot dates masked: each side wrote its own). Null when they do, else what differs.
+ */
+function readsAgree(a: string, b: string, f: string): string | null {
+  const mask = (o: Out): Out => ({ status: o.status, stdout: o.stdout.replace(DATE, 'DATE').replace(JSON_DATE, '"date-$1": 0'), stderr: o.stderr });
+  const cmds = [
+    ['info', '-f', 'qcow2', f],
+    ['info', '--output=json', '-f', 'qcow2', f],
+    ['check', '--output=json', '-f', 'qcow2', f],
+    ['check', '-f', 'qcow2', f],
+    ['map', '--output=json', '-f', 'qcow2', f],
+    ['snapshot', '-l', f],
+    ['compare', '-f', 'qcow2', '-F', 'qcow2', f, join(b, f)],
+  ];
+  for (const args of cmds) {
+    const mine = mask(qimgOut(args, a));
+    const theirs = mask(qemuOut(args, a));
+    if (mine.status !== theirs.status || mine.stdout !== theirs.stdout || mine.stderr !== theirs.stderr) {
+      return `qimg ${args.join(' ')} differs from qemu-img:\n  qimg:     exit ${mine.status} ${JSON.stringify(mine.stdout)} ${JSON.stringify(mine.stderr)}\n  qemu-img: exit ${theirs.status} ${JSON.stringify(theirs.stdout)} ${JSON.stringify(theirs.stderr)}`;
+    }
+  }
+  return null;
 }
 
 /** Null when a/f and b/f agree (and qimg's is clean), else what differs. */

@@ -178,7 +178,7 @@ export class Refcounts {
     const i = ci % this.perBlock;
     const v = getRefcount(b.mem, i, this.refcountOrder) + delta;
     if (v < 0) throw new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
-    if (v > this.maxValue) throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+    if (v > this.maxValue) throw this.overflow(ci);
     if (v === delta && delta > 0 && this.fences.length > 0) this.refuseFenced(ci); // 0 -> in use: an allocation
     setRefcount(b.mem, i, this.refcountOrder, v);
     b.dirty = true;
@@ -528,7 +528,15 @@ export class Refcounts {
 
   private rangeError(ci: number, v: number): never {
     if (v < 0) throw new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
-    throw new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+    throw this.overflow(ci);
+  }
+
+  /**
+   * A refcount past its width's maximum. QEMU fails such an update with EINVAL, which is all
+   * qemu-img prints; `data.refcountOverflow` lets a command word it as qemu-img does.
+   */
+  private overflow(ci: number): QimgError {
+    return new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`, { errno: 'EINVAL', refcountOverflow: true });
   }
 
   /** A reader for hot loops: caches the last block looked at. */
@@ -594,7 +602,7 @@ export class Refcounts {
       return new QimgError('CORRUPT', `cluster ${hex(ci * this.clusterSize)} is referenced but its refcount is 0 (repair with 'qemu-img check -r all')`);
     }
     if (cur + d < 0) return new QimgError('CORRUPT', `refcount of cluster ${hex(ci * this.clusterSize)} would drop below zero`);
-    return new QimgError('UNSUPPORTED', `refcount of cluster ${hex(ci * this.clusterSize)} would exceed ${this.maxValue}`);
+    return this.overflow(ci);
   }
 
   /** The error for a reference to a cluster whose range has no refcount block. */

@@ -308,7 +308,12 @@ export interface SnapshotOpOptions {
   onRepair?: (messages: string[]) => void;
 }
 
-async function withWriter<T>(path: string, rawError: string, opts: SnapshotOpOptions, fn: (w: ImageWriter) => T): Promise<T> {
+/**
+ * Runs one snapshot operation on a writer. `rawError` is qemu-img's refusal for a raw image;
+ * `einval` its words after the "Could not ... 'x': " prefix when QEMU's refcount update fails with
+ * EINVAL (a refcount past its width's maximum), where qimg knows, and refuses, before writing.
+ */
+async function withWriter<T>(path: string, rawError: string, einval: string, opts: SnapshotOpOptions, fn: (w: ImageWriter) => T): Promise<T> {
   const w = await openWriter(path, { openBacking: false, rawError, onRepair: opts.onRepair });
   try {
     const r = fn(w);
@@ -318,19 +323,20 @@ async function withWriter<T>(path: string, rawError: string, opts: SnapshotOpOpt
     await w.abandon();
     // "Could not create snapshot 'x': <reason>", as qemu-img words a failed operation.
     const verb = rawError.slice(0, rawError.indexOf("':") + 2);
+    if (err instanceof QimgError && err.data.refcountOverflow) throw new QimgError(err.code, `${verb} ${einval}`, { ...err.data, detail: err.message });
     if (err instanceof QimgError && !err.message.startsWith('Could not')) throw new QimgError(err.code, `${verb} ${err.message}`, err.data);
     throw err;
   }
 }
 
 export function createSnapshot(path: string, snap: NewSnapshot, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not create snapshot '${snap.name}': -95 (Operation not supported)`, opts, (w) => createSnapshotOn(w, snap));
+  return withWriter(path, `Could not create snapshot '${snap.name}': -95 (Operation not supported)`, '-22 (Invalid argument)', opts, (w) => createSnapshotOn(w, snap));
 }
 
 export function applySnapshot(path: string, ref: SnapshotRef, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not apply snapshot '${describeRef(ref)}': Block driver does not support snapshots`, opts, (w) => applySnapshotOn(w, ref));
+  return withWriter(path, `Could not apply snapshot '${describeRef(ref)}': Block driver does not support snapshots`, 'Failed to load snapshot: Invalid argument', opts, (w) => applySnapshotOn(w, ref));
 }
 
 export function deleteSnapshot(path: string, ref: SnapshotRef, opts: SnapshotOpOptions = {}): Promise<SnapshotEntry> {
-  return withWriter(path, `Could not delete snapshot '${describeRef(ref)}': snapshot not found`, opts, (w) => deleteSnapshotOn(w, ref));
+  return withWriter(path, `Could not delete snapshot '${describeRef(ref)}': snapshot not found`, 'Failed to free the cluster and L1 table: Invalid argument', opts, (w) => deleteSnapshotOn(w, ref));
 }
