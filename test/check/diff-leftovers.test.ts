@@ -3,7 +3,7 @@
 // the file, and repair writes QEMU's overlap check refuses.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { mustQemuImg, mustQemuIo, qemuImg, qimg, type RunResult } from '../helpers.js';
 import { asQimg, qimgCheck } from './cli.js';
 import { checkBoth, scratch } from './cases.js';
@@ -408,6 +408,32 @@ test('an unaligned refcount block offset past 2^53 is printed exactly', async ()
   for (const args of MODES.slice(0, 2)) await both('refcount table on 0xa2 data', b, args);
   const r = await qimgCheck([scratch('diff-leftovers-case.qcow2')]);
   assert.match(r.stderr, 'Refblock offset 0xa2a2a2a2a2a2a200 unaligned');
+});
+
+// check-diff seed 20261207 case 737: a repair grew the file to 2^31 clusters of 4 KiB (a refcount
+// block rebuilt past a reference at 8 TiB). QEMU's refcount array is indexed by int, so its double
+// check refuses a file of more than INT_MAX clusters ("Check failed: File too large", exit 1);
+// qimg counted on and found the image clean. Any check of such a file, repaired or not.
+test('a file of more than INT_MAX clusters is refused before counting', async () => {
+  const f = scratch('diff-leftovers-intmax.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 64k', f]);
+  const b = new Uint8Array(readFileSync(f));
+  for (const [what, size] of [['2^31 clusters', 2 ** 31 * 4096], ['2^31 clusters and a byte', 2 ** 31 * 4096 + 1]] as const) {
+    for (const args of MODES) {
+      const file = scratch('diff-leftovers-case.qcow2');
+      writeFileSync(file, b);
+      truncateSync(file, size);
+      const want = asQimg(qemuImg(['check', ...args, file]));
+      writeFileSync(file, b);
+      truncateSync(file, size);
+      const got = await qimgCheck([...args, file]);
+      assert.is(got.stderr, want.stderr, `${what} ${args.join(' ')}`);
+      assert.is(got.stdout, want.stdout, `${what} ${args.join(' ')}`);
+      assert.is(got.status, want.status, `${what} ${args.join(' ')}`);
+      assert.match(got.stderr, 'Check failed: File too large');
+    }
+  }
 });
 
 test.run();

@@ -474,6 +474,12 @@ export class CheckPass {
 
   private checkRefcounts(): void {
     const img = this.img;
+    // QEMU's in-memory refcount table is indexed by int: a file of more clusters is refused
+    // before anything is counted (a repair that grew the file meets this in the double check).
+    if (this.fileClusters > 0x7fffffff) {
+      this.res.checkErrors++;
+      throw new CheckAbort('File too large');
+    }
     // QEMU counts the clusters of the image's whole sectors (a size's last partial sector is lost).
     this.res.totalClusters = Math.ceil((Math.floor(img.header.size / 512) * 512) / this.cs);
     const recordCopied = this.fix === 0 && !this.opts.exact;
