@@ -8,6 +8,7 @@
 //   check-1t   qimg vs qemu-img check on a 1 TiB image, 0 and 16 snapshots (bench/check-1t.ts; --runs N, --dir)
 //   check-many qimg vs qemu-img check with 65,536 snapshots (bench/check-many.ts; --runs N, --count N, --dir)
 //   chains   qimg vs qemu-img commit and rebase on a 1 GiB chain (bench/chains.ts; --runs N, --root, --vs)
+//   zero-skip  benchmark.js: the checker's skip over zero refcount counters (bench/zero-skip.ts; --quick, --mib N)
 //   read-align benchmark.js: reads into plain vs page-aligned buffers (bench/read-align.ts; --quick, --mib N)
 //
 // convert, snapshot and chains take minutes and write GiBs under /tmp, so `all` leaves them out.
@@ -19,6 +20,7 @@ import { chainsMain } from './chains.js';
 import { convertMain } from './convert.js';
 import { l2Main } from './l2-scan.js';
 import { readAlignMain } from './read-align.js';
+import { zeroSkipMain } from './zero-skip.js';
 import { snapshotMain } from './snapshot-1t.js';
 import { startupMain } from './startup.js';
 
@@ -27,7 +29,8 @@ const USAGE =
   '       node dist/bench/run.js convert|snapshot [--runs N] [--root DIR] [--only KEYS] [--cpu-prof] [--json]\n' +
   '       node dist/bench/run.js check-1t|check-many [--runs N] [--dir DIR] [--count N]\n' +
   '       node dist/bench/run.js chains [--runs N] [--root DIR] [--vs DIR]\n' +
-  '       node dist/bench/run.js read-align [--quick] [--mib N]\n';
+  '       node dist/bench/run.js read-align [--quick] [--mib N]\n' +
+  '       node dist/bench/run.js zero-skip [--quick] [--mib N]\n';
 
 function main(argv: string[]): number {
   const first = argv[0];
@@ -61,6 +64,9 @@ function main(argv: string[]): number {
     }
     case 'chains':
       chainsMain(rest);
+      return 0;
+    case 'zero-skip':
+      zeroSkipMain(rest);
       return 0;
     case 'read-align':
       readAlignMain(rest);

@@ -1350,7 +1350,10 @@ export class CheckPass {
         continue;
       }
       let i0 = 0;
-      if (b !== null && order === 4 && a.length >= base + end) {
+      if (b === null) {
+        // No stored block: only counted clusters can differ (refcount 0 against a reference).
+        i0 = this.arr.nextNonZero(base, base + end) - base;
+      } else if (order === 4 && a.length >= base + end) {
         // Fast path: 16-bit refcounts, stop at the first difference.
         const h = cmp16(b, a, base, end);
         i0 = h[0];
@@ -1621,7 +1624,8 @@ export class CheckPass {
     let grown = false;
     const first = { v: 0 };
     for (let cluster = firstCluster; cluster < endCluster; cluster++) {
-      if (!this.arr.a[cluster]) continue;
+      cluster = this.arr.nextNonZero(cluster, endCluster);
+      if (cluster >= endCluster) break;
       const idx = Math.floor(cluster / per);
       const start = idx * per;
       let off: number;

@@ -69,4 +69,31 @@ export class RefArray {
   clear(): void {
     this.a.fill(0);
   }
+
+  /** `a`'s bytes as 32-bit words (counters are never negative: a zero word is zero counters). */
+  private words: Uint32Array | null = null;
+
+  /**
+   * The first index in [from, to) whose counter is not zero, or `to`. Skips zero counters eight
+   * bytes at a time: a repair's passes over a file grown to terabytes are mostly zeros (2^31
+   * clusters took 40 s one counter at a time).
+   */
+  nextNonZero(from: number, to: number): number {
+    const a = this.a;
+    const end = Math.min(to, a.length);
+    const bpe = a.BYTES_PER_ELEMENT;
+    const group = 8 / bpe; // counters per 8 bytes
+    let i = from;
+    while (i < end && i % group !== 0) {
+      if (a[i]) return i;
+      i++;
+    }
+    if (this.words === null || this.words.buffer !== a.buffer) this.words = new Uint32Array(a.buffer, a.byteOffset, a.byteLength >>> 2);
+    const w = this.words;
+    const wordsEnd = Math.floor(end / group) * 2;
+    let k = (i / group) * 2;
+    while (k < wordsEnd && (w[k]! | w[k + 1]!) === 0) k += 2;
+    for (i = (k / 2) * group; i < end; i++) if (a[i]) return i;
+    return to;
+  }
 }
