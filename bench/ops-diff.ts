@@ -29,9 +29,13 @@ mkdirSync(out, { recursive: true });
 console.log(`ops-diff: seed ${seed}, cases ${from}..${from + count - 1}, ${steps} steps each, findings in ${out}`);
 let found = 0;
 const known = new Map<string, number>();
+const kinds = new Map<string, number>();
 const t0 = Date.now();
 for (let i = from; i < from + count; i++) {
-  const f = runOpsCase(join(out, `case-${process.pid}`), seed, i, steps);
+  const f = runOpsCase(join(out, `case-${process.pid}`), seed, i, steps, (op) => {
+    const kind = op.replace(/\(.*?\)/g, '').replace(/[0-9]+/g, 'N').split(' ').slice(0, 3).join(' ');
+    kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
+  });
   if (f?.known) {
     known.set(f.known, (known.get(f.known) ?? 0) + 1);
   } else if (f) {
@@ -43,4 +47,5 @@ for (let i = from; i < from + count; i++) {
   if ((i - from + 1) % 10 === 0) console.log(`  ${i - from + 1}/${count} cases, ${found} disagreeing, ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 }
 console.log(`ops-diff: ${count} cases, ${found} disagreeing${known.size ? `; ended early on a deliberate difference: ${[...known].map(([k, n]) => `${k} ${n}`).join(', ')}` : ''}`);
+console.log(`steps by kind: ${[...kinds].sort((x, y) => y[1] - x[1]).map(([k, n]) => `${k}: ${n}`).join('; ')}`);
 process.exitCode = found ? 1 : 0;

@@ -78,7 +78,7 @@ function range(rng: Rng, size: number, cs: number): [number, number] {
 }
 
 /** One whole case: returns null when qimg and qemu-img agreed at every step. */
-export function runOpsCase(dir: string, runSeed: number, index: number, steps: number): OpsFinding | null {
+export function runOpsCase(dir: string, runSeed: number, index: number, steps: number, trace?: (op: string) => void): OpsFinding | null {
   const rng = new Rng(caseSeed(runSeed, index));
   const a = join(dir, 'a');
   const b = join(dir, 'b');
@@ -117,6 +117,7 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
     let io: string | null = null;
     let extra: ((d: string) => string[]) | null = null;
     let replace = false;
+    let raw: string | null = null;
     if (r < 0.3) {
       const [off, len] = range(rng, size, cs);
       const k = rng.int(10);
@@ -151,6 +152,15 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       ];
       op = `convert -c ${o.join(' ')} img.qcow2 img.new; mv img.new img.qcow2`;
       replace = true;
+    } else if (r < 0.85 && rng.chance(0.25)) {
+      // To raw: the files themselves must be byte-identical.
+      const l = snapshots.length && rng.chance(0.3) ? ['-l', rng.pick(snapshots)] : [];
+      both = [
+        ['convert', '-f', 'qcow2', '-O', 'raw', ...l, 'img.qcow2', 'out.raw'],
+        ['convert', '-f', 'qcow2', '-O', 'raw', ...l, 'img.qcow2', 'out.raw'],
+      ];
+      op = `convert -O raw ${l.join(' ')} img.qcow2 out.raw`;
+      raw = 'out.raw';
     } else if (r < 0.85) {
       const c = rng.chance(0.3) ? ['-c'] : [];
       const o = rng.chance(0.5) ? ['-o', `cluster_size=${rng.pick([512, 4096, 65536])}`] : [];
@@ -172,9 +182,23 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       }
       const w = `write -P ${pattern++ & 0xff} ${off} ${len}`;
       for (const d of [a, b]) exec('qemu-io', ['-f', 'qcow2', '-c', w, 'ov.qcow2'], d);
-      both = [['commit', ...drop, '-f', 'qcow2', 'ov.qcow2'], ['commit', ...drop, '-f', 'qcow2', 'ov.qcow2']];
-      op = `overlay ov.qcow2 (${w}) then commit ${drop.join(' ')}`;
-      extra = () => ['ov.qcow2'];
+      if (rng.chance(0.35)) {
+        // Two layers deep: ov2 on ov, committed through ov into img with -b.
+        const [off2, len2] = range(rng, size, cs);
+        const w2 = `write -P ${pattern++ & 0xff} ${off2} ${len2}`;
+        for (const d of [a, b]) {
+          const o = exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'ov.qcow2', '-F', 'qcow2', 'ov2.qcow2'], d);
+          if (o.status !== 0) return fail(step, 'create overlay', o.stderr.trim());
+          exec('qemu-io', ['-f', 'qcow2', '-c', w2, 'ov2.qcow2'], d);
+        }
+        both = [['commit', '-f', 'qcow2', '-b', 'img.qcow2', 'ov2.qcow2'], ['commit', '-f', 'qcow2', '-b', 'img.qcow2', 'ov2.qcow2']];
+        op = `overlay ov.qcow2 (${w}), ov2.qcow2 on it (${w2}), then commit -b img.qcow2 ov2.qcow2`;
+        extra = () => ['ov.qcow2', 'ov2.qcow2'];
+      } else {
+        both = [['commit', ...drop, '-f', 'qcow2', 'ov.qcow2'], ['commit', ...drop, '-f', 'qcow2', 'ov.qcow2']];
+        op = `overlay ov.qcow2 (${w}) then commit ${drop.join(' ')}`;
+        extra = () => ['ov.qcow2'];
+      }
     } else {
       // An overlay rebased: flattened (-b ""), or onto a converted copy of its base (safe mode).
       const [off, len] = range(rng, size, cs);
@@ -198,6 +222,7 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       extra = () => ['ov.qcow2'];
     }
     log.push(op);
+    trace?.(op);
 
     if (io) {
       for (const d of [a, b]) {
@@ -226,6 +251,12 @@ export function runOpsCase(dir: string, runSeed: number, index: number, steps: n
       }
     }
 
+    if (raw) {
+      const ea = existsSync(join(a, raw));
+      if (ea !== existsSync(join(b, raw))) return fail(step, op, `${raw} exists only on the ${ea ? 'qimg' : 'qemu-img'} side`);
+      if (ea && !readFileSync(join(a, raw)).equals(readFileSync(join(b, raw)))) return fail(step, op, `${raw} differs`);
+      for (const d of [a, b]) rmSync(join(d, raw), { force: true });
+    }
     for (const f of ['img.qcow2', ...(extra ? extra(a) : [])]) {
       if (!existsSync(join(a, f)) && !existsSync(join(b, f))) continue;
       const bad = agree(a, b, f) ?? (step === steps || rng.chance(0.25) ? readsAgree(a, b, f) : null);
