@@ -1,6 +1,6 @@
 // commit, rebase, map, compare and chain against qemu-img 7.2: the same operation on copies of
 // the same chains (depth 2..4, internal snapshots inside layers), read back with qemu-img.
-import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, cpSync, ftruncateSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -240,6 +240,53 @@ test('map: human and JSON byte for byte as qemu-img, on every layer of chains wi
       assert.is(m.stdout, q.stdout, `qimg map --output=${o}`);
       assert.is(m.status, q.status);
     }
+  }
+});
+
+// Found by the ops differential fuzz (bench/ops-diff.ts, seed 5 case 2): on an image QEMU takes for
+// metadata-preallocated (clearly more clusters with a refcount than the file has blocks for), it
+// asks the file under each data extent where its holes are and reports a hole, or the end of the
+// file, as "zero": true. qimg always said data. On other images QEMU does not ask.
+test('map: data over holes in the file or past its end reads as zero, as qemu-img decides', () => {
+  const dir = tmpDir();
+  const pre = join(dir, 'prealloc.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', pre, '4M']);
+  mustQemuIo(['-c', 'write -P 2 0 128k', '-c', 'write -P 3 1M 64k', pre]);
+  const host = (JSON.parse(qemuImg(['map', '--output=json', pre]).stdout) as Array<{ offset?: number }>)[0]!.offset!;
+  const b = readFileSync(pre);
+  /**
+   * A copy of `src` with [from, to) left as a hole (4 KiB aligned: the file system's blocks);
+   * `sparse`: blocks of zeros left as holes too, as a preallocated original has them.
+   */
+  const holed = (src: Buffer, name: string, from: number, to: number, sparse = true): void => {
+    const fd = openSync(join(dir, name), 'w');
+    for (let p = 0; p < src.length; p += 4096) {
+      const blk = src.subarray(p, Math.min(src.length, p + 4096));
+      if ((p < from || p >= to) && (!sparse || blk.some((x) => x !== 0))) writeSync(fd, blk, 0, blk.length, p);
+    }
+    ftruncateSync(fd, src.length);
+    closeSync(fd);
+  };
+  holed(b, 'hole.qcow2', host + 69632, host + 77824);
+  holed(b.subarray(0, host + 65536 + 1000), 'cut.qcow2', 0, 0); // ends inside written data
+  holed(b.subarray(0, host + 65536 + 1024), 'cut-sector.qcow2', 0, 0);
+  // Not preallocated: the same hole, which QEMU does not look for.
+  const plain = join(dir, 'plain.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', plain, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 256k', plain]);
+  const pb = readFileSync(plain);
+  const ph = (JSON.parse(qemuImg(['map', '--output=json', plain]).stdout) as Array<{ offset?: number }>)[0]!.offset!;
+  holed(pb, 'plain-hole.qcow2', ph + 69632, ph + 77824, false);
+  for (const n of ['prealloc.qcow2', 'hole.qcow2', 'cut.qcow2', 'cut-sector.qcow2', 'plain-hole.qcow2']) {
+    for (const o of ['human', 'json']) {
+      const m = qimg(['map', `--output=${o}`, n], {}, dir);
+      const q = qemuImg(['map', `--output=${o}`, n], {}, dir);
+      assert.is(m.stdout, q.stdout, `map --output=${o} ${n}`);
+      assert.is(m.status, q.status, n);
+    }
+    const json = qimg(['map', '--output=json', n], {}, dir).stdout;
+    if (n === 'plain-hole.qcow2') assert.not.match(json, '"zero": true, "data": true', `${n}: QEMU does not look`);
+    else assert.match(json, '"zero": true, "data": true', `${n}: some data reads as zero`);
   }
 });
 

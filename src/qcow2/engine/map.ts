@@ -8,8 +8,11 @@
 
 import { createRequire } from 'node:module';
 import { u32 } from '../format/bytes.js';
-import { entryOffset } from '../format/entries.js';
+import { entryOffset, refcountTableEntryOffset } from '../format/entries.js';
+import { getRefcount } from '../format/refblock.js';
+import { readAt } from '../io/file.js';
 import { OFLAG_COMPRESSED_HI } from '../format/layout.js';
+import type { BlockFile } from '../io/file.js';
 import type { Layer } from './layer.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { RawImage } from './raw-image.js';
@@ -96,9 +99,15 @@ function qcow2Status(img: Qcow2Image, offset: number, len: number): LayerStatus 
   }
   let flags: number;
   switch (first.kind) {
-    case 'data':
+    case 'data': {
       flags = BS_DATA | BS_OFFSET_VALID | BS_ALLOCATED;
+      const z = first.host !== null && metadataPreallocated(img) ? hostZero(img.dataFile, first.host, length) : null;
+      if (z) {
+        length = z.length;
+        if (z.zero) flags |= BS_ZERO;
+      }
       break;
+    }
     case 'compressed':
       flags = BS_DATA | BS_COMPRESSED | BS_ALLOCATED;
       break;
@@ -111,6 +120,71 @@ function qcow2Status(img: Qcow2Image, offset: number, len: number): LayerStatus 
       break;
   }
   return { flags, length, host: first.host };
+}
+
+const preallocated = new WeakMap<Qcow2Image, boolean>();
+
+/**
+ * QEMU asks the file under a data extent about holes (below) only for an image it takes for
+ * metadata-preallocated: one where at least max(10/9 x, 2 +) as many clusters have a refcount as
+ * the file has clusters' worth of allocated blocks. Worked out once per open image, as QEMU does
+ * on its first block-status call; a refcount block it cannot read (unaligned) makes it false.
+ */
+function metadataPreallocated(img: Qcow2Image): boolean {
+  let v = preallocated.get(img);
+  if (v === undefined) {
+    v = detectPreallocation(img);
+    preallocated.set(img, v);
+  }
+  return v;
+}
+
+function detectPreallocation(img: Qcow2Image): boolean {
+  const h = img.header;
+  const cs = img.clusterSize;
+  const file = img.file;
+  const size = file.size();
+  const realClusters = Math.floor(file.allocatedBytes() / cs);
+  const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+  const endCluster = Math.ceil(Math.ceil(size / 512) * 512 / cs);
+  const per = 2 ** (img.clusterBits + 3 - h.refcountOrder);
+  // Only the entries covering the file (the table itself was bounded when the image opened).
+  const entries = Math.min((h.refcountTableClusters * cs) / 8, Math.ceil(endCluster / per));
+  const table = new Uint8Array(entries * 8);
+  readAt(file, table, h.refcountTableOffset);
+  const block = new Uint8Array(cs);
+  let count = 0;
+  for (let t = 0; t < entries && count < threshold; t++) {
+    const off = refcountTableEntryOffset(u32(table, t * 8), u32(table, t * 8 + 4));
+    if (off === 0 || off >= size) continue; // no block, or one past the end (reads as zeros)
+    if (off % cs !== 0) return false;
+    readAt(file, block, off);
+    const n = Math.min(per, endCluster - t * per);
+    for (let i = 0; i < n && count < threshold; i++) if (getRefcount(block, i, h.refcountOrder) !== 0) count++;
+  }
+  return count >= threshold;
+}
+
+/**
+ * With want_zero, QEMU asks the file under a data extent about [host, host + length): a hole
+ * there, or the end of the file, reads as zero (a preallocation=metadata image is all such
+ * extents). The file node's length is counted in whole sectors. Returns the extent's new length
+ * and whether it reads as zero; null when the file cannot tell (it is then data, unchanged).
+ */
+function hostZero(file: BlockFile, host: number, length: number): { zero: boolean; length: number } | null {
+  if (!file.dataRun) return null;
+  const size = file.size();
+  const sectors = Math.ceil(size / 512) * 512;
+  // At or past the end (the partial last sector included): zero, all of it.
+  if (host >= size) return { zero: true, length };
+  const run = file.dataRun(host);
+  if (run === null) return { zero: false, length: Math.min(length, sectors - host) };
+  if (!run.data) {
+    // A hole running to the end of the file is the end of the file: zero, all of it.
+    if (host + run.length >= size) return { zero: true, length };
+    return { zero: true, length: Math.min(length, run.length) };
+  }
+  return { zero: false, length: Math.min(length, run.length) };
 }
 
 function rawStatus(raw: RawImage, offset: number, len: number): LayerStatus {
