@@ -194,6 +194,40 @@ test('the backing file is opened as its format says before the check', async () 
   rmSync(back, { recursive: true });
 });
 
+// check-diff seed 1207002 case 324: the backing format "qcow2" cut to "qcow" (v1), QEMU's qcow
+// driver, which refuses a qcow2 file ("does not support qcow version 3" and a hint); qimg took the
+// name as a driver it does not read and went on. A real qcow v1 backing file is checked as QEMU's
+// driver opens it: magic, version, size, cluster and L2 sizes, encryption.
+test('a backing file named with format qcow (version 1)', async () => {
+  const back = scratch('open-v1.qcow');
+  const over = scratch('open-over-v1.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow', back, '1M']);
+  const v1 = new Uint8Array(readFileSync(back));
+  mustQemuImg(['create', '-q', '-u', '-f', 'qcow2', '-b', 'open-v1.qcow', '-F', 'qcow', over, '1M']);
+  const pokes: Array<[string, (b: Uint8Array) => void]> = [
+    ['a sound qcow v1 file', () => undefined],
+    ['a qcow2 version 3 file', (b) => putU32(b, 4, 3)],
+    ['version 2', (b) => putU32(b, 4, 2)],
+    ['version 7', (b) => putU32(b, 4, 7)],
+    ['not qcow at all', (b) => putU32(b, 0, 0x12345678)],
+    ['size 1', (b) => putU64(b, 24, 1n)],
+    ['cluster_bits 8', (b) => (b[32] = 8)],
+    ['cluster_bits 17', (b) => (b[32] = 17)],
+    ['l2_bits 5', (b) => (b[33] = 5)],
+    ['l2_bits 14', (b) => (b[33] = 14)],
+    ['AES encryption', (b) => putU32(b, 36, 1)],
+    ['an unknown encryption method', (b) => putU32(b, 36, 2)],
+  ];
+  for (const [name, poke] of pokes) {
+    const b = v1.slice();
+    poke(b);
+    writeFileSync(back, b);
+    same(await qimgCheck([over]), asQimg(qemuImg(['check', over])), name);
+  }
+  writeFileSync(back, v1.subarray(0, 20)); // shorter than the header: read as zeros
+  same(await qimgCheck([over]), asQimg(qemuImg(['check', over])), 'a file shorter than the header');
+});
+
 // check-diff seed 1207 case 542: a backing file that is a device. QEMU opens it with its
 // host_device driver and reads it, so /dev/zero named as qcow2 is 'not in qcow2 format'; qimg
 // never opens a device an image names (README, deliberate differences), so the check goes on,

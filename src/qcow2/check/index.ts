@@ -257,6 +257,30 @@ function selfBacking(path: string, backing: string): never {
 }
 
 /**
+ * QEMU's qcow (version 1) driver on a backing file named with format "qcow": its magic (the same
+ * as qcow2's), its version (a qcow2 file gets a hint), then the header fields it bounds. What the
+ * driver reads further (its L1 table, a backing file of its own) is not looked at.
+ */
+function qcowV1Opens(head: Uint8Array, fail: (code: QimgError['code'], why: string) => QimgError): void {
+  if (!isQcow2(head)) throw fail('BAD_IMAGE', 'Image not in qcow format');
+  const version = u32(head, 4);
+  if (version !== 1) {
+    const hint = version === 2 || version === 3 ? "\nTry the 'qcow2' driver instead." : '';
+    throw fail('UNSUPPORTED', `qcow (v1) does not support qcow version ${version}${hint}`);
+  }
+  const size = u32(head, 24) * 2 ** 32 + u32(head, 28);
+  if (size <= 1) throw fail('BAD_IMAGE', 'Image size is too small (must be at least 2 bytes)');
+  const clusterBits = head[32]!;
+  if (clusterBits < 9 || clusterBits > 16) throw fail('BAD_IMAGE', 'Cluster size must be between 512 and 64k');
+  const l2Bits = head[33]!;
+  if (l2Bits < 6 || l2Bits > 13) throw fail('BAD_IMAGE', 'L2 table size must be between 512 and 64k');
+  const crypt = u32(head, 36);
+  // AES (1) needs a secret qemu-img check is never given; any other method is unknown.
+  if (crypt === 1) throw fail('UNSUPPORTED', "Parameter 'encrypt.key-secret' is required for cipher");
+  if (crypt !== 0) throw fail('BAD_IMAGE', 'invalid encryption method in qcow header');
+}
+
+/**
  * What qemu-img check meets opening the backing file, in its order: the driver named by the
  * backing format, the file itself (the system's reason, e.g. 'File name too long'), and for a
  * qcow2 backing file its magic and version. Deeper faults of a damaged backing image are not
@@ -302,13 +326,14 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     if (writable) throw fail('LOCKED', `Failed to get shared "write" lock\nIs another process using the image [${bp}]?`);
     selfBacking(path, backing);
   }
-  if (format !== 'qcow2' || device) return;
-  const head = new Uint8Array(8);
+  if ((format !== 'qcow2' && format !== 'qcow') || device) return;
+  // QEMU reads the header whole (48 bytes for qcow v1), a short file padded with zeros.
+  const head = new Uint8Array(48);
   let n = 0;
   try {
     const fd = openSync(bp, 'r');
     try {
-      n = readSync(fd, head, 0, 8, 0);
+      n = readSync(fd, head, 0, head.length, 0);
     } finally {
       closeSync(fd);
     }
@@ -316,6 +341,7 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     const e = ioError(err, bp, 'Could not open');
     throw fail(e.code, e.message, e.data);
   }
+  if (format === 'qcow') return qcowV1Opens(head, fail);
   if (n < 8 || !isQcow2(head)) throw fail('BAD_IMAGE', 'Image is not in qcow2 format');
   const version = u32(head, 4);
   if (version < 2 || version > 3) throw fail('UNSUPPORTED', `Unsupported qcow2 version ${version}`);
