@@ -295,6 +295,7 @@ function readsAgree(a: string, b: string, f: string): string | null {
   const cmds = [
     ['info', '-f', 'qcow2', f],
     ['info', '--output=json', '-f', 'qcow2', f],
+    ['info', '--backing-chain', '--output=json', '-f', 'qcow2', f],
     ['check', '--output=json', '-f', 'qcow2', f],
     ['check', '-f', 'qcow2', f],
     ['map', '--output=json', '-f', 'qcow2', f],
