@@ -38,8 +38,12 @@ export function splitOptions(list: string): string[] {
   return out;
 }
 
-/** Turns `-o` items into CreateOptions; type errors are refused here, before the Formatting line, as qemu-img does. */
-export function parseCreateOptions(file: string, format: 'qcow2' | 'raw', items: string[]): CreateOptions {
+/**
+ * Turns `-o` items into CreateOptions; type errors are refused here, before the Formatting line,
+ * as qemu-img does. `file` prefixes the messages (create's); null leaves them bare (convert's).
+ */
+export function parseCreateOptions(file: string | null, format: 'qcow2' | 'raw', items: string[]): CreateOptions {
+  const at = file === null ? '' : `${file}: `;
   const known = new Set(CREATE_OPTION_HELP[format].map(([n]) => n));
   const values = new Map<string, string>();
   for (const item of items) {
@@ -51,7 +55,7 @@ export function parseCreateOptions(file: string, format: 'qcow2' | 'raw', items:
       key = key.slice(2);
       value = 'off';
     }
-    if (!known.has(key)) throw new QimgError('USAGE', `${file}: Invalid parameter '${key}'`);
+    if (!known.has(key)) throw new QimgError('USAGE', `${at}Invalid parameter '${key}'`);
     values.delete(key); // the last value wins, and it is printed where QEMU prints that option
     values.set(key, value);
   }
@@ -60,13 +64,13 @@ export function parseCreateOptions(file: string, format: 'qcow2' | 'raw', items:
   for (const [key, value] of values) {
     if (SIZE_OPTIONS.has(key)) {
       const v = parseSizeOption(key, value);
-      if (key === 'size') opts.size = checkedNumber(file, v);
+      if (key === 'size') opts.size = checkedNumber(at, v);
       else opts.clusterSize = v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v);
       if (key === 'cluster_size') spelling[key] = v.toString();
       continue;
     }
     if (NUMBER_OPTIONS.has(key)) {
-      const n = parseNumberOption(file, key, value);
+      const n = parseNumberOption(at, key, value);
       opts.refcountBits = Number(n);
       spelling[key] = n.toString();
       continue;
@@ -75,7 +79,7 @@ export function parseCreateOptions(file: string, format: 'qcow2' | 'raw', items:
       let b: boolean;
       if (BOOL_TRUE.has(value)) b = true;
       else if (BOOL_FALSE.has(value)) b = false;
-      else throw new QimgError('USAGE', `${file}: Parameter '${key}' expects 'on' or 'off'`);
+      else throw new QimgError('USAGE', `${at}Parameter '${key}' expects 'on' or 'off'`);
       spelling[key] = value;
       if (key === 'lazy_refcounts') opts.lazyRefcounts = b;
       else if (key === 'extended_l2') opts.extendedL2 = b;
@@ -108,19 +112,19 @@ export function parseCreateOptions(file: string, format: 'qcow2' | 'raw', items:
   return opts;
 }
 
-function checkedNumber(file: string, v: bigint): number {
+function checkedNumber(at: string, v: bigint): number {
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new QimgError('UNSUPPORTED', `${file}: Image size ${v} is too large for qimg (at most ${Number.MAX_SAFE_INTEGER} bytes)`);
+    throw new QimgError('UNSUPPORTED', `${at}Image size ${v} is too large for qimg (at most ${Number.MAX_SAFE_INTEGER} bytes)`);
   }
   return Number(v);
 }
 
 /** QEMU number options: C strtoull with base 0 (0x hex, leading-0 octal), shown as a signed 64-bit value. */
-function parseNumberOption(file: string, key: string, text: string): bigint {
+function parseNumberOption(at: string, key: string, text: string): bigint {
   const m = /^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$/.exec(text);
-  if (!m) throw new QimgError('USAGE', `${file}: Parameter '${key}' expects a number`);
+  if (!m) throw new QimgError('USAGE', `${at}Parameter '${key}' expects a number`);
   let v = BigInt(m[2]!.length > 1 && m[2]!.startsWith('0') && !/^0[xX]/.test(m[2]!) ? '0o' + m[2]!.slice(1) : m[2]!);
-  if (v >= 1n << 64n) throw new QimgError('USAGE', `${file}: Parameter '${key}' expects a number`);
+  if (v >= 1n << 64n) throw new QimgError('USAGE', `${at}Parameter '${key}' expects a number`);
   if (m[1] === '-') v = ((1n << 64n) - v) % (1n << 64n);
   return BigInt.asIntN(64, v);
 }

@@ -2,9 +2,9 @@
 // internal snapshot, in every -l form), output no less sparse, and qemu-img's refusals.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { FIXTURES, qemuImg, tmpDir, type RunResult } from '../helpers.js';
+import { FIXTURES, mustQemuImg, mustQemuIo, qemuImg, qimg, tmpDir, type RunResult } from '../helpers.js';
 import { allocatedBytes, fixtureKinds, generatedKinds, pool, qimgA, type Kind, type SnapshotRef } from '../oracle.js';
 
 const out = tmpDir('qimg-convert-');
@@ -141,6 +141,72 @@ test('convert: converting over a bigger existing output replaces it', async () =
   const r2 = await qimgA(['convert', '-O', 'raw', join(FIXTURES, 'raw.img'), dst]);
   assert.is(r2.status, 0, r2.stderr);
   assert.ok(Buffer.compare(readFileSync(dst), readFileSync(join(FIXTURES, 'raw.img'))) === 0, 'overwritten output equals raw.img');
+});
+
+// Found while reading convert's -o errors against qemu-img 7.2: qimg printed create's words for
+// them ("F: Invalid parameter"), where convert reports option errors bare and creation errors as
+// "F: error while converting FMT: ...", refused -t/-T/-m/-W (OpenStack passes -t none), ignored
+// -o preallocation for raw targets, and left a half-made target behind for -o data_file.
+test('convert options and their errors as qemu-img convert words them', () => {
+  const dir = tmpDir();
+  const src = join(dir, 'src.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', src, '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 512k', src]);
+  const dst = join(dir, 'dst.img');
+  const missing = join(dir, 'missing.qcow2');
+  const cases: string[][] = [
+    ['-O', 'qcow2', '-o', 'bogus=1', src, dst],
+    ['-O', 'qcow2', '-o', 'cluster_size=3', src, dst],
+    ['-O', 'qcow2', '-o', 'refcount_bits=x', src, dst],
+    ['-O', 'qcow2', '-o', 'lazy_refcounts=x', src, dst],
+    ['-O', 'qcow2', '-o', 'compat=9', src, dst],
+    ['-O', 'qcow2', '-o', 'compat=0.10,lazy_refcounts=on', src, dst],
+    ['-O', 'qcow2', '-o', `backing_file=${src}`, src, dst],
+    ['-O', 'qcow2', '-B', src, src, dst],
+    ['-O', 'qcow2', '-B', src, '-o', 'bogus=1', src, dst],
+    ['-O', 'bogusfmt', '-o', 'bogus=1', src, dst],
+    ['-O', 'qcow2', src, join(dir, 'no', 'such.img')],
+    ['-O', 'raw', src, join(dir, 'no', 'such.img')],
+    ['-O', 'raw', '-o', 'bogus=1', src, dst],
+    ['-O', 'raw', '-o', 'preallocation=bogus', src, dst],
+    ['-O', 'raw', '-o', 'preallocation=metadata', src, dst],
+    ['-O', 'qcow2', '-t', 'bogus', src, dst],
+    ['-O', 'qcow2', '-T', 'bogus', src, dst],
+    ['-O', 'qcow2', '-T', 'bogus', '-t', 'bogus', src, dst],
+    ['-O', 'qcow2', '-m', '0', src, dst],
+    ['-O', 'qcow2', '-m', '17', src, dst],
+    ['-O', 'qcow2', '-m', '021', src, dst], // octal 17
+    ['-O', 'qcow2', '-m', '0x10', src, dst],
+    ['-O', 'qcow2', '-t', 'none', '-T', 'none', '-W', '-m', '8', src, dst],
+    ['-O', 'raw', '-t', 'writeback', src, dst],
+    ['-O', 'raw', '-o', 'preallocation=full', src, dst],
+    ['-O', 'qcow2', '-o', 'bogus=1', missing, dst],
+  ];
+  for (const args of cases) {
+    rmSync(dst, { force: true });
+    const q = qemuImg(['convert', ...args]);
+    const qBytes = existsSync(dst) && q.status === 0 ? readFileSync(dst) : null;
+    const qAlloc = qBytes ? allocatedBytes(dst) : 0;
+    rmSync(dst, { force: true });
+    const m = qimg(['convert', ...args]);
+    const what = `convert ${args.join(' ')}`;
+    assert.is(m.status, q.status, `${what}: ${m.stderr} vs ${q.stderr}`);
+    // qemu-img repeats "Could not open 'F': " for a missing source (README, deliberate differences).
+    assert.is(m.stderr, q.stderr.replace(/qemu-img/g, 'qimg').replace(/(Could not open '[^']*': )\1/, '$1'), what);
+    if (qBytes) {
+      if (args.includes('raw')) {
+        assert.ok(readFileSync(dst).equals(qBytes), `${what}: the raw output`);
+        assert.is(allocatedBytes(dst) >= qBytes.length, qAlloc >= qBytes.length, `${what}: preallocated as qemu-img's`);
+      } else assert.is(qemuImg(['compare', src, dst]).status, 0, `${what}: the output reads back as the source`);
+    }
+  }
+  // An external data file: qemu-img converts; qimg refuses before making anything.
+  rmSync(dst, { force: true });
+  const r = qimg(['convert', '-O', 'qcow2', '-o', `data_file=${join(dir, 'data.raw')}`, src, dst]);
+  assert.is(r.status, 1);
+  assert.match(r.stderr, 'external data file is not supported');
+  assert.not.ok(existsSync(dst), 'no target left behind');
+  assert.not.ok(existsSync(join(dir, 'data.raw')), 'no data file left behind');
 });
 
 test.run();

@@ -7,7 +7,7 @@ import type { Layer } from './layer.js';
 import { closeFile, openImage, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { findSnapshot, parseSnapshotSelector } from './info.js';
-import { openSync, closeSync } from 'node:fs';
+import { openSync, closeSync, fsyncSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { ioError } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
@@ -17,8 +17,16 @@ import { ioBuffer } from '../io/buffers.js';
 export interface ConvertOptions {
   format?: ImageFormat;
   outputFormat: 'raw' | 'qcow2';
-  /** `-o` for the target (its size comes from the source). */
-  createOptions?: Omit<CreateOptions, 'format' | 'size'>;
+  /**
+   * `-o` for the target (its size comes from the source). A function is called once the source
+   * is open, before the target is made, so that its errors come in qemu-img's order.
+   */
+  createOptions?: TargetOptions | (() => TargetOptions);
+  /**
+   * `-t`: the target's cache mode (QEMU's names). 'unsafe', the default, never flushes, as
+   * qemu-img convert does; any other flushes the target once the copy is done.
+   */
+  cache?: string;
   /** `-c`: write every data cluster compressed (qcow2 targets). */
   compress?: boolean;
   /** `-B`/`-F`: the target's backing file; only what differs from it is written. */
@@ -44,6 +52,34 @@ const ZERO_BLOCK = new Uint8Array(SPARSE_GRANULARITY);
 /** Longest zero run one extent() call looks for (mapping is per cluster: keep each call short). */
 const SKIP_SPAN = 64 * 1024 * 1024;
 
+type TargetOptions = Omit<CreateOptions, 'format' | 'size'>;
+
+/** QEMU's cache modes (bdrv_parse_cache_mode). */
+export const CACHE_MODES = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
+
+/**
+ * What qemu-img convert refuses once the source is open and before the target is made: the -o
+ * list (given as a function), a target backing file without a format, the cache mode.
+ */
+function targetOptions(dst: string, opts: ConvertOptions): ConvertOptions {
+  const createOptions = typeof opts.createOptions === 'function' ? opts.createOptions() : opts.createOptions;
+  const backing = opts.targetBacking?.file ?? createOptions?.backingFile;
+  const backingFormat = opts.targetBacking ? opts.targetBacking.format : createOptions?.backingFormat;
+  if (backing !== undefined && backingFormat === undefined) throw new QimgError('USAGE', 'Use of backing file requires explicit backing format');
+  if (opts.cache !== undefined && !CACHE_MODES.has(opts.cache)) throw new QimgError('USAGE', `Invalid cache option: ${opts.cache}`);
+  if (createOptions?.dataFile !== undefined) {
+    throw new QimgError('UNSUPPORTED', `'${dst}': writing guest data of an image with an external data file is not supported yet`);
+  }
+  return { ...opts, createOptions };
+}
+
+/** A target that cannot be made: qemu-img convert's words around the create error. */
+function createError(err: unknown, dst: string, format: string): unknown {
+  if (!(err instanceof QimgError)) return err;
+  const inner = err.message.startsWith(`${dst}: `) ? err.message.slice(dst.length + 2) : err.message;
+  return new QimgError(err.code, `${dst}: error while converting ${format}: ${inner}`, err.data);
+}
+
 function checkOptions(opts: ConvertOptions): void {
   if (opts.outputFormat === 'raw' && (opts.compress || opts.targetBacking)) {
     throw new QimgError('USAGE', opts.compress ? 'Compression not supported for this file format' : "Backing file not supported for file format 'raw'");
@@ -66,7 +102,7 @@ export async function convert(src: string, dst: string, opts: ConvertOptions): P
       if (!sn) throw new QimgError('NOT_FOUND', "Failed to load snapshot: Can't find snapshot");
       source = top.snapshotView(sn);
     }
-    await convertFrom(source, dst, opts);
+    await convertFrom(source, dst, targetOptions(dst, opts));
   } finally {
     await top.close();
   }
@@ -75,8 +111,24 @@ export async function convert(src: string, dst: string, opts: ConvertOptions): P
 /** convert() from a layer already open (and readable); `snapshot`, `format` and `backing` are not used. */
 export async function convertFrom(source: Layer, dst: string, opts: ConvertOptions): Promise<void> {
   checkOptions(opts);
-  if (opts.outputFormat === 'raw') await writeRaw(source, dst, opts.progress);
-  else await writeQcow2(source, dst, opts);
+  const o = typeof opts.createOptions === 'function' ? targetOptions(dst, opts) : opts;
+  if (o.outputFormat === 'raw') await writeRaw(source, dst, o.progress, (o.createOptions as TargetOptions | undefined)?.preallocation);
+  else await writeQcow2(source, dst, o);
+  if (o.cache !== undefined && o.cache !== 'unsafe') flushFile(dst);
+}
+
+/** fsync of a file already closed (any descriptor's fsync flushes the file's data). */
+function flushFile(path: string): void {
+  try {
+    const fd = openSync(path, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    throw ioError(err, path, 'Could not flush');
+  }
 }
 
 /** A run of guest bytes [off, off + len) being copied; `buf` holds them (and is zero past len). */
@@ -231,12 +283,18 @@ function fillChunk(source: Layer, c: Chunk, grain: number, reads: Array<Promise<
   }
 }
 
-async function writeRaw(source: Layer, dst: string, progress?: (done: number, total: number) => void): Promise<void> {
-  // Create/truncate like qemu-img does, then take the write lock on the new file.
+async function writeRaw(source: Layer, dst: string, progress?: (done: number, total: number) => void, preallocation?: CreateOptions['preallocation']): Promise<void> {
+  // Create/truncate like qemu-img does, then take the write lock on the new file. With
+  // preallocation the file is made (allocated, zeros) as `create -f raw` makes it; the copy then
+  // writes only the data.
   try {
-    closeSync(openSync(dst, 'w'));
+    if (preallocation === undefined) closeSync(openSync(dst, 'w'));
+    else {
+      const { create } = await import('./create.js');
+      await create(dst, { format: 'raw', size: source.virtualSize, preallocation });
+    }
   } catch (err) {
-    throw ioError(err, dst, 'Could not create');
+    throw createError(err instanceof QimgError ? err : ioError(err, dst, 'Could not create'), dst, 'raw');
   }
   const out = NodeFile.open(dst, true);
   try {
@@ -277,12 +335,16 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
   const { create } = await import('./create.js');
   const { openWriter } = await import('./writer.js');
   const tb = opts.targetBacking;
-  await create(dst, {
-    ...opts.createOptions,
-    format: 'qcow2',
-    size: source.virtualSize,
-    ...(tb ? { backingFile: tb.file, backingFormat: tb.format } : {}),
-  });
+  try {
+    await create(dst, {
+      ...(opts.createOptions as TargetOptions | undefined),
+      format: 'qcow2',
+      size: source.virtualSize,
+      ...(tb ? { backingFile: tb.file, backingFormat: tb.format } : {}),
+    });
+  } catch (err) {
+    throw createError(err, dst, 'qcow2');
+  }
   // A new output nobody relies on yet: written in order but not fsynced, as qemu-img convert does.
   const w = await openWriter(dst, { backing: { follow: 'any' }, durable: false });
   try {

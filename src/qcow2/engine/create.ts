@@ -565,7 +565,8 @@ async function createRaw(path: string, opts: CreateOptions, size: number, format
   const prealloc = opts.preallocation ?? 'off';
   if (prealloc !== 'off' && prealloc !== 'falloc' && prealloc !== 'full') {
     if (prealloc === 'metadata') throw refuse(path, 'Unsupported preallocation mode: metadata');
-    throw refuse(path, `Parameter 'preallocation' does not accept value '${String(prealloc)}'`);
+    // The file protocol's own parse of the mode (QAPI's words), not the format's.
+    throw refuse(path, `invalid parameter value: ${String(prealloc)}`);
   }
   const rounded = roundUp(size, SECTOR);
   const o = await openForCreate(path);
