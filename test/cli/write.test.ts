@@ -128,6 +128,49 @@ test('resize takes sizes exactly as qemu-img does: no rounding, -- before a nega
   }
 });
 
+// Found by the ops differential fuzz (bench/ops-diff.ts, seed 8 case 17): growing an overlay whose
+// backing file reaches past the old end let the backing data (or a shrunk cluster's stale tail)
+// show through; QEMU zeroes the new area, and on a v2 image refuses. qimg also did not open the
+// chain at all, so a missing backing file went unnoticed.
+test('resize over a larger backing file reads zeros in the new area, as qemu-img makes it', () => {
+  const dir = tmpDir();
+  const base = join(dir, 'base.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', base, '1M']);
+  mustQemuIo(['-c', 'write -P 9 0 1M', base]);
+  const cases: Array<[string, string, string]> = [
+    ['compat=1.1', '32k', '200k'],
+    ['compat=1.1', '32256', '32768'], // within the cluster: explicit zeros only
+    ['compat=1.1,extended_l2=on', '33k', '300k'],
+    ['compat=1.1,cluster_size=4096', '5k', '700k'],
+    ['compat=0.10', '32k', '200k'], // refused: v2 has no zero clusters
+    ['compat=0.10', '32k', '64k'], // one partial cluster: fine on v2
+  ];
+  for (const [opts, shrinkTo, growTo] of cases) {
+    const a = join(dir, 'a.qcow2');
+    const b = join(dir, 'b.qcow2');
+    mustQemuImg(['create', '-q', '-f', 'qcow2', '-o', opts, '-b', 'base.qcow2', '-F', 'qcow2', a, '1M']);
+    mustQemuIo(['-c', 'write -P 4 0 1M', a]);
+    mustQemuImg(['resize', '-q', '--shrink', a, shrinkTo]);
+    copyFileSync(a, b);
+    const before = readFileSync(a);
+    const q = qemuImg(['resize', b, growTo]);
+    const m = qimg(['resize', a, growTo]);
+    const what = `${opts}: ${shrinkTo} -> ${growTo}`;
+    assert.is(m.status, q.status, `${what}: ${m.stderr} vs ${q.stderr}`);
+    assert.is(m.stderr.replace(/^qimg:/gm, 'qemu-img:'), q.stderr, what);
+    if (m.status !== 0) assert.ok(readFileSync(a).equals(before), `${what}: a refused resize changes nothing`);
+    clean(a);
+    identical(a, b);
+  }
+  // The chain is opened as qemu-img opens it: a missing backing file is an error.
+  const o = join(dir, 'orphan.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.qcow2', '-F', 'qcow2', o, '1M']);
+  const q = qemuImg(['resize', o, '2M']);
+  const m = qimg(['resize', o, '2M']);
+  assert.is(m.status, q.status);
+  assert.is(m.stderr.replace(/^qimg:/gm, 'qemu-img:'), q.stderr);
+});
+
 test('writers refuse an image a live qemu-io holds, with qemu-img wording, and change nothing', async () => {
   const dir = tmpDir();
   const img = join(dir, 'held.qcow2');
