@@ -8,6 +8,7 @@ import { create } from './create.js';
 import type { Layer } from './layer.js';
 import { openImage, openLayer, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
+import { fsyncPath } from '../io/file.js';
 
 export interface ChainLayerInfo {
   depth: number;
@@ -151,12 +152,7 @@ export async function revertChain(path: string, opts: RevertOptions): Promise<Re
     const name = relative(resolve(dir), resolve(layerPath)) || basename(layerPath);
     try {
       await create(tmp, { format: 'qcow2', backingFile: name, backingFormat: layerFormat });
-      const fd = openSync(tmp, 'r+');
-      try {
-        fsyncSync(fd);
-      } finally {
-        closeSync(fd);
-      }
+      fsyncPath(tmp);
     } catch (err) {
       if (existsSync(tmp)) unlinkSync(tmp);
       throw err;

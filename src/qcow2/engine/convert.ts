@@ -2,12 +2,12 @@
 // file or qcow2 image, with reads, writes and compression overlapped on libuv's threads.
 
 import { QimgError } from '../errors.js';
-import { NodeFile, readAt } from '../io/file.js';
+import { fsyncPath, NodeFile, readAt } from '../io/file.js';
 import type { Layer } from './layer.js';
 import { closeFile, openImage, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { findSnapshot, parseSnapshotSelector } from './info.js';
-import { openSync, closeSync, fsyncSync } from 'node:fs';
+import { openSync, closeSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { ioError } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
@@ -114,21 +114,7 @@ export async function convertFrom(source: Layer, dst: string, opts: ConvertOptio
   const o = typeof opts.createOptions === 'function' ? targetOptions(dst, opts) : opts;
   if (o.outputFormat === 'raw') await writeRaw(source, dst, o.progress, (o.createOptions as TargetOptions | undefined)?.preallocation);
   else await writeQcow2(source, dst, o);
-  if (o.cache !== undefined && o.cache !== 'unsafe') flushFile(dst);
-}
-
-/** fsync of a file already closed (any descriptor's fsync flushes the file's data). */
-function flushFile(path: string): void {
-  try {
-    const fd = openSync(path, 'r');
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  } catch (err) {
-    throw ioError(err, path, 'Could not flush');
-  }
+  if (o.cache !== undefined && o.cache !== 'unsafe') fsyncPath(dst);
 }
 
 /** A run of guest bytes [off, off + len) being copied; `buf` holds them (and is zero past len). */

@@ -54,6 +54,20 @@ interface FsSeek {
 }
 let fsSeek: FsSeek | null = null;
 
+/** fsync of a file by name (any descriptor's fsync flushes the file's data), e.g. one just closed. */
+export function fsyncPath(path: string): void {
+  try {
+    const fd = fs.openSync(path, 'r');
+    try {
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (err) {
+    throw ioError(err, path, 'Could not flush');
+  }
+}
+
 /** Reads exactly buf.length bytes, filling past end-of-file with zeros; returns bytes really read. */
 export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
   const n = file.read(buf, pos);
