@@ -263,11 +263,24 @@ export function validateQcow2(path: string, opts: CreateOptions, size: number): 
   const ct = opts.compressionType ?? 'zlib';
   if (ct !== 'zlib' && ct !== 'zstd') throw refuse(path, `Parameter 'compression-type' does not accept value '${String(ct)}'`);
 
+  // qcow2_co_create's own checks, in its order.
   const clusterSize = opts.clusterSize ?? DEFAULT_CLUSTER_SIZE;
   const clusterBits = Math.log2(clusterSize);
+  const extendedL2 = opts.extendedL2 ?? false;
+  if (extendedL2 && version < 3) {
+    throw refuse(path, 'Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
+  }
   if (!Number.isInteger(clusterBits) || clusterBits < L.MIN_CLUSTER_BITS || clusterBits > L.MAX_CLUSTER_BITS) {
     throw refuse(path, 'Cluster size must be a power of two between 512 and 2048k');
   }
+  if (extendedL2 && clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
+    throw refuse(path, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  }
+  const backingFile = opts.backingFile ?? null;
+  if (backingFile !== null && prealloc !== 'off' && !extendedL2) {
+    throw refuse(path, 'Backing file and preallocation can only be used at the same time if extended_l2 is on');
+  }
+  if (opts.backingFormat !== undefined && backingFile === null) throw refuse(path, 'Backing format cannot be used without backing file');
   if (opts.lazyRefcounts && version < 3) {
     throw refuse(path, 'Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
@@ -280,29 +293,15 @@ export function validateQcow2(path: string, opts: CreateOptions, size: number): 
     throw refuse(path, 'Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
   }
   const dataFile = opts.dataFile ?? null;
-  if (dataFile !== null && version < 3) {
-    throw refuse(path, 'External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
-  }
   const dataFileRaw = opts.dataFileRaw ?? false;
   if (dataFileRaw && dataFile === null) throw refuse(path, 'data-file-raw requires data-file');
-  const backingFile = opts.backingFile ?? null;
   if (dataFileRaw && backingFile !== null) throw refuse(path, 'Backing file and data-file-raw cannot be used at the same time');
-  const extendedL2 = opts.extendedL2 ?? false;
-  if (backingFile !== null && prealloc !== 'off' && !extendedL2) {
-    throw refuse(path, 'Backing file and preallocation can only be used at the same time if extended_l2 is on');
-  }
-  if (extendedL2) {
-    if (version < 3) {
-      throw refuse(path, 'Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
-    }
-    if (clusterBits < L.MIN_EXTL2_CLUSTER_BITS) {
-      throw refuse(path, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
-    }
+  if (dataFile !== null && version < 3) {
+    throw refuse(path, 'External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
   if (ct !== 'zlib' && version < 3) {
     throw refuse(path, 'Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
-  if (opts.backingFormat !== undefined && backingFile === null) throw refuse(path, 'Backing format cannot be used without backing file');
 
   const rounded = roundUp(size, SECTOR);
   if (l1EntriesFor(rounded, clusterBits, extendedL2) > L.MAX_L1_ENTRIES) throw refuse(path, TOO_LARGE_QCOW2);
