@@ -117,6 +117,43 @@ test('commit into a raw base equals qemu-img commit', () => {
   assert.ok(readFileSync(join(t.mine, 'l0.raw')).equals(readFileSync(join(t.theirs, 'l0.raw'))));
 });
 
+// qemu-img commit -t and rebase -t/-T (cache modes, passed by tools such as OpenStack's): qimg
+// refused them as unknown options. They are checked as qemu-img checks them and change nothing.
+test('commit -t and rebase -t/-T: accepted, and checked in qemu-img order', () => {
+  const dir = tmpDir();
+  mustQemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'b.qcow2'), '1M']);
+  mustQemuIo(['-c', 'write -P 1 0 64k', join(dir, 'b.qcow2')]);
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', join(dir, 'o.qcow2')]);
+  mustQemuIo(['-c', 'write -P 2 32k 64k', join(dir, 'o.qcow2')]);
+  const pristine = readFileSync(join(dir, 'o.qcow2'));
+  const base = readFileSync(join(dir, 'b.qcow2'));
+  const cases = [
+    ['commit', '-t', 'bogus', 'o.qcow2'],
+    ['rebase', '-t', 'bogus', '-b', 'x', 'o.qcow2'],
+    ['rebase', '-T', 'bogus', '-b', 'x', 'o.qcow2'],
+    ['rebase', '-T', 'bogus', '-t', 'bogus', '-b', 'x', 'o.qcow2'],
+    ['rebase', '-t', 'writeback', '-T', 'none', '-b', '', 'o.qcow2'],
+    ['commit', '-t', 'writethrough', 'o.qcow2'],
+  ];
+  for (const args of cases) {
+    writeFileSync(join(dir, 'o.qcow2'), pristine);
+    writeFileSync(join(dir, 'b.qcow2'), base);
+    const q = qemuImg(args, {}, dir);
+    const qOut = readFileSync(join(dir, args[0] === 'commit' ? 'b.qcow2' : 'o.qcow2'));
+    writeFileSync(join(dir, 'o.qcow2'), pristine);
+    writeFileSync(join(dir, 'b.qcow2'), base);
+    const m = qimg(args, {}, dir);
+    assert.is(m.status, q.status, `${args.join(' ')}: ${m.stderr}`);
+    assert.is(m.stdout, q.stdout, args.join(' '));
+    assert.is(m.stderr, q.stderr.replace(/qemu-img/g, 'qimg'), args.join(' '));
+    if (m.status === 0) {
+      const f = join(dir, args[0] === 'commit' ? 'b.qcow2' : 'o.qcow2');
+      writeFileSync(join(dir, 'theirs.qcow2'), qOut);
+      assert.is(qemuImg(['compare', f, join(dir, 'theirs.qcow2')]).status, 0, `${args.join(' ')}: the result`);
+    }
+  }
+});
+
 test('commit errors: no backing file, BASE not in the chain', () => {
   const dir = tmpDir();
   const img = join(dir, 'a.qcow2');
