@@ -154,6 +154,27 @@ test('commit -t and rebase -t/-T: accepted, and checked in qemu-img order', () =
   }
 });
 
+// A backing file another process holds read-write: QEMU's lock refusal names it only in its second
+// line ("Could not open backing file: Failed to get shared "write" lock"); qimg put the backing
+// file's own "Could not open 'b.qcow2': " in between. info --backing-chain opens each layer on its
+// own, so a failing backing file reports as itself there (a missing one too).
+test('a backing file held by a live qemu-io, and a missing one, worded as qemu-img words them', async () => {
+  const dir = tmpDir();
+  mustQemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'b.qcow2'), '1M']);
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', join(dir, 'o.qcow2')]);
+  mustQemuImg(['create', '-q', '-u', '-f', 'qcow2', '-b', 'gone.qcow2', '-F', 'qcow2', join(dir, 'm.qcow2'), '1M']);
+  const same = (args: string[]) => {
+    const q = qemuImg(args, {}, dir);
+    const m = qimg(args, {}, dir);
+    assert.is(m.status, q.status, `${args.join(' ')}: ${m.stderr}`);
+    assert.is(m.stderr, q.stderr.replace(/^qemu-img:/gm, 'qimg:').replace(/(Could not open '[^']*': )\1/, '$1'), args.join(' '));
+  };
+  same(['info', '--backing-chain', 'm.qcow2']);
+  await withQemuIo(join(dir, 'b.qcow2'), () => {
+    for (const args of [['map', 'o.qcow2'], ['rebase', '-b', '', 'o.qcow2'], ['resize', 'o.qcow2', '2M'], ['info', '--backing-chain', 'o.qcow2']]) same(args);
+  });
+});
+
 test('commit errors: no backing file, BASE not in the chain', () => {
   const dir = tmpDir();
   const img = join(dir, 'a.qcow2');

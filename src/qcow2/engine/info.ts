@@ -24,7 +24,15 @@ export interface InfoOptions extends ReadOptions {
 export async function info(path: string, opts: InfoOptions = {}): Promise<ImageInfo[]> {
   // describe.js (bitmaps, LUKS) is loaded here only: `snapshot -l` does not need it.
   const { describeLayer, loadLuksDecoder } = await import('./describe.js');
-  const top = await openImage(path, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing, openBacking: !!opts.backingChain });
+  let top;
+  try {
+    top = await openImage(path, { format: opts.format, forceShare: opts.forceShare, backing: opts.backing, openBacking: !!opts.backingChain });
+  } catch (err) {
+    // qemu-img info --backing-chain opens each layer on its own: a backing file that fails
+    // reports as itself, not through the image above it.
+    if (opts.backingChain && err instanceof QimgError && typeof err.data.backingError === 'string') throw new QimgError(err.code, err.data.backingError, err.data);
+    throw err;
+  }
   try {
     const out: ImageInfo[] = [];
     for (let layer: Layer | null = top; layer; layer = layer instanceof Qcow2Image ? layer.backing : null) {

@@ -217,7 +217,10 @@ export async function openImage(path: string, opts: OpenOptions = {}): Promise<L
 
 function backingError(err: unknown, imagePath: string): unknown {
   if (err instanceof QimgError && err.code !== 'BACKING') {
-    return new QimgError(err.code, `Could not open '${imagePath}': Could not open backing file: ${err.message}`, err.data);
+    // A lock conflict names the backing file only in its second line, as QEMU words it: the
+    // "Could not open 'F': " the top image's open would put first is not repeated for it.
+    const inner = err.code === 'LOCKED' && typeof err.data.path === 'string' ? err.message.replace(`Could not open '${err.data.path}': `, '') : err.message;
+    return new QimgError(err.code, `Could not open '${imagePath}': Could not open backing file: ${inner}`, { ...err.data, backingError: err.message });
   }
   return err;
 }
