@@ -19,6 +19,11 @@ export interface CheckOptions {
   repair?: 'leaks' | 'all';
   /** -U: no locks. */
   forceShare?: boolean;
+  /**
+   * Whether another process holds a file open for writing (given by check(), which locks):
+   * qemu-img opens the backing file with a shared lock, which a writer refuses.
+   */
+  backingHeld?: (fd: number) => boolean;
   /** Largest coalesced L2 read (bytes). */
   chunkBytes?: number;
   /** Count in traversal order instead of streaming (for tests). */
@@ -62,11 +67,13 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
   }
   let lock: { release(): Promise<void> } | null = null;
   try {
+    let backingHeld: ((fd: number) => boolean) | undefined;
     if (!opts.forceShare && file.fd !== null) {
-      const { lockImage } = await import('../io/lock.js');
+      const { lockImage, heldForWritingSync } = await import('../io/lock.js');
       lock = await lockImage(file.fd, path, writable ? 'write' : 'read');
+      backingHeld = heldForWritingSync;
     }
-    return checkFile(file, path, opts, report);
+    return checkFile(file, path, { ...opts, backingHeld }, report);
   } catch (err) {
     return fail(report, err);
   } finally {
@@ -110,7 +117,7 @@ export function checkFile(file: BlockFile, path: string, opts: CheckOptions = {}
   try {
     img = CheckImage.open(file, path);
     const backing = img.header.backingFile;
-    if (backing) checkBackingOpens(path, backing, img.header.backingFormat, opts.repair !== undefined);
+    if (backing) checkBackingOpens(path, backing, img.header.backingFormat, opts.repair !== undefined, opts.backingHeld);
   } catch (err) {
     return fail(report, err);
   }
@@ -286,7 +293,32 @@ function qcowV1Opens(head: Uint8Array, fail: (code: QimgError['code'], why: stri
  * qcow2 backing file its magic and version. Deeper faults of a damaged backing image are not
  * looked for: check reads nothing through the backing file.
  */
-function checkBackingOpens(path: string, backing: string, stored: string | null, writable: boolean): void {
+function checkBackingOpens(path: string, backing: string, stored: string | null, writable: boolean, held?: (fd: number) => boolean): void {
+  const bp = backingChecks(path, backing, stored, writable);
+  if (bp === null || !held) return;
+  // The backing file's shared lock, taken once its driver has opened it: refused while another
+  // process (a running VM) holds it for writing (observed for qcow2 backing files).
+  let conflict = false;
+  try {
+    const fd = openSync(bp, 'r');
+    try {
+      conflict = held(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return; // opened a moment ago: gone now, nothing to lock
+  }
+  if (conflict) {
+    throw new QimgError('LOCKED', `Could not open '${path}': Could not open backing file: Failed to get shared "write" lock\nIs another process using the image [${bp}]?`, { path: bp });
+  }
+}
+
+/**
+ * checkBackingOpens' opening checks; the backing file to lock-check, or null. Only a backing file
+ * opened as qcow2 is: qemu-img 7.2 was seen refusing one a writer holds, but not a raw one.
+ */
+function backingChecks(path: string, backing: string, stored: string | null, writable: boolean): string | null {
   // QEMU keeps the format name as a C string.
   const format = stored === null ? null : stored.split('\0')[0]!;
   const fail = (code: QimgError['code'], why: string, data?: Readonly<Record<string, unknown>>) =>
@@ -319,14 +351,14 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
   const self = statSync(path);
   if (st.isFile() && self.dev === st.dev && self.ino === st.ino) {
     // Opened as raw (or another format) it is read once and the check goes on, a repair too.
-    if (format !== null && format !== 'qcow2') return;
+    if (format !== null && format !== 'qcow2') return null;
     // As qcow2 (named, or probed: it is this image), a repair's write lock on the image stops
     // the backing open at the first level (qemu-img 7.2's observed behaviour); a read-only
     // check meets the image naming itself again, and so on.
     if (writable) throw fail('LOCKED', `Failed to get shared "write" lock\nIs another process using the image [${bp}]?`);
     selfBacking(path, backing);
   }
-  if ((format !== 'qcow2' && format !== 'qcow') || device) return;
+  if ((format !== 'qcow2' && format !== 'qcow') || device) return null;
   // QEMU reads the header whole (48 bytes for qcow v1), a short file padded with zeros.
   const head = new Uint8Array(48);
   let n = 0;
@@ -341,8 +373,12 @@ function checkBackingOpens(path: string, backing: string, stored: string | null,
     const e = ioError(err, bp, 'Could not open');
     throw fail(e.code, e.message, e.data);
   }
-  if (format === 'qcow') return qcowV1Opens(head, fail);
+  if (format === 'qcow') {
+    qcowV1Opens(head, fail);
+    return null;
+  }
   if (n < 8 || !isQcow2(head)) throw fail('BAD_IMAGE', 'Image is not in qcow2 format');
   const version = u32(head, 4);
   if (version < 2 || version > 3) throw fail('UNSUPPORTED', `Unsupported qcow2 version ${version}`);
+  return bp;
 }

@@ -24,7 +24,7 @@
 // On systems without /proc/locks heldForWriting() cannot see QEMU and returns false.
 
 import { createRequire } from 'node:module';
-import { fstatSync } from 'node:fs';
+import { fstatSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { QimgError, osReason } from '../errors.js';
 
@@ -118,6 +118,21 @@ export async function heldForWriting(fd: number): Promise<boolean> {
   } catch {
     return false;
   }
+  return heldIn(table, fd);
+}
+
+/** heldForWriting, synchronously (for a one-off probe where nothing else could run meanwhile). */
+export function heldForWritingSync(fd: number): boolean {
+  let table: string;
+  try {
+    table = readFileSync('/proc/locks', 'utf8');
+  } catch {
+    return false;
+  }
+  return heldIn(table, fd);
+}
+
+function heldIn(table: string, fd: number): boolean {
   const { dev, ino } = fstatSync(fd, { bigint: true });
   // /proc/locks names the file as "MAJ:MIN:INODE", major and minor in hex, inode in decimal;
   // st_dev uses glibc's encoding of major/minor.
