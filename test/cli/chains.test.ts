@@ -171,9 +171,10 @@ test('a backing file held by a live qemu-io, and a missing one, worded as qemu-i
   };
   same(['info', '--backing-chain', 'm.qcow2']);
   // check opens a qcow2 backing file with a shared lock too (qimg read its header and went on);
-  // -U takes no locks.
+  // -U takes no locks. commit opens the chain read-only before it tries to lock the base for
+  // writing (qimg reported the base's write lock).
   await withQemuIo(join(dir, 'b.qcow2'), () => {
-    for (const args of [['map', 'o.qcow2'], ['rebase', '-b', '', 'o.qcow2'], ['resize', 'o.qcow2', '2M'], ['info', '--backing-chain', 'o.qcow2'], ['check', 'o.qcow2'], ['check', '--output=json', 'o.qcow2'], ['check', '-U', 'o.qcow2']]) same(args);
+    for (const args of [['map', 'o.qcow2'], ['rebase', '-b', '', 'o.qcow2'], ['resize', 'o.qcow2', '2M'], ['info', '--backing-chain', 'o.qcow2'], ['check', 'o.qcow2'], ['check', '--output=json', 'o.qcow2'], ['check', '-U', 'o.qcow2'], ['commit', 'o.qcow2']]) same(args);
   });
 });
 

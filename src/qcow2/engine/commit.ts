@@ -167,6 +167,7 @@ export async function commit(path: string, opts: CommitOptions = {}): Promise<vo
       if (i === null) throw new QimgError('NOT_FOUND', `Did not find '${opts.base}' in the backing chain of '${path}'`);
       baseIndex = i;
     } else baseIndex = 1;
+    await refuseHeldBacking(path, layers);
   } finally {
     await probe.close();
   }
@@ -221,6 +222,25 @@ export async function commit(path: string, opts: CommitOptions = {}): Promise<vo
     throw err;
   }
   await closeAll(true);
+}
+
+/**
+ * qemu-img opens the whole chain read-only before anything else, each backing file with a shared
+ * lock: a qcow2 layer another process holds for writing (a running VM on the base, say) stops it
+ * there, in those words, before the lock for writing to the base is tried.
+ */
+async function refuseHeldBacking(path: string, layers: Layer[]): Promise<void> {
+  const { heldForWritingSync } = await import('../io/lock.js');
+  for (let i = 1; i < layers.length; i++) {
+    const l = layers[i]!;
+    const fd = l.format === 'qcow2' ? (l as Qcow2Image).file.fd : null;
+    if (fd === null || !heldForWritingSync(fd)) continue;
+    throw new QimgError(
+      'LOCKED',
+      `Could not open '${path}': ${'Could not open backing file: '.repeat(i)}Failed to get shared "write" lock\nIs another process using the image [${l.filename}]?`,
+      { path: l.filename },
+    );
+  }
 }
 
 async function probeQcow2(path: string): Promise<boolean> {
