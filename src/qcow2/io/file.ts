@@ -7,6 +7,11 @@
 import * as fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { QimgError, ioError } from '../errors.js';
+import { FALLOC_FL_KEEP_SIZE, fallocate, haveFallocate } from './native.js';
+
+/** growAhead's first reservation past the end, and the most one reservation adds. */
+const RESERVE_MIN = 16 * 1024 * 1024;
+const RESERVE_MAX = 256 * 1024 * 1024;
 
 export interface BlockFile {
   readonly path: string;
@@ -45,6 +50,13 @@ export interface BlockFile {
    * SEEK_DATA/SEEK_HOLE report it; absent or null: the file cannot tell (treat it as data).
    */
   dataRun?(pos: number): { data: boolean; length: number } | null;
+  /**
+   * Optional: from now on, a write reaching past what is reserved first reserves disk blocks for
+   * a stretch beyond it (fallocate KEEP_SIZE: the size does not change), and close() gives back
+   * what no write reached. Only for files that grow at their end, as a qcow2 image does when it
+   * allocates clusters; never for a sparse raw file (its holes would become allocated).
+   */
+  growAhead?(): void;
 }
 
 const SEEK_DATA = 3;
@@ -93,6 +105,8 @@ export class NodeFile implements BlockFile {
    * so an error the background fdatasync consumed would otherwise never reach a flush().
    */
   private writebackError: unknown = null;
+  /** growAhead(): blocks are reserved up to here (-1: not growing ahead). */
+  private reservedEnd = -1;
 
   private constructor(
     readonly path: string,
@@ -136,6 +150,7 @@ export class NodeFile implements BlockFile {
 
   write(buf: Uint8Array, pos: number): void {
     if (!this.writable) throw new QimgError('READ_ONLY', `'${this.path}' is open read-only`);
+    if (pos + buf.length > this.reservedEnd && this.reservedEnd >= 0) this.reserve(pos + buf.length);
     let done = 0;
     while (done < buf.length) {
       try {
@@ -163,6 +178,7 @@ export class NodeFile implements BlockFile {
 
   async writeAsync(buf: Uint8Array, pos: number): Promise<void> {
     if (!this.writable) throw new QimgError('READ_ONLY', `'${this.path}' is open read-only`);
+    if (pos + buf.length > this.reservedEnd && this.reservedEnd >= 0) this.reserve(pos + buf.length);
     let done = 0;
     while (done < buf.length) {
       try {
@@ -186,6 +202,21 @@ export class NodeFile implements BlockFile {
       if ((err as NodeJS.ErrnoException).code === 'ENXIO') return { data: false, length: size - pos };
       return null;
     }
+  }
+
+  growAhead(): void {
+    if (this.writable && !this.closed && haveFallocate()) this.reservedEnd = Math.max(this.reservedEnd, this.size());
+  }
+
+  /**
+   * Reserves from the reserved end to past `end`: as far again as the file is long (16 MiB at
+   * least, 256 MiB at most), so a copy makes a handful of calls. Any failure (ENOSPC,
+   * EOPNOTSUPP on a file system without it) ends growing ahead; the writes go on as before.
+   */
+  private reserve(end: number): void {
+    const to = end + Math.min(RESERVE_MAX, Math.max(RESERVE_MIN, end));
+    const rc = fallocate(this.fd, FALLOC_FL_KEEP_SIZE, this.reservedEnd, to - this.reservedEnd);
+    this.reservedEnd = rc === 0 ? to : -1;
   }
 
   flush(): void {
@@ -223,6 +254,7 @@ export class NodeFile implements BlockFile {
   }
 
   truncate(size: number): void {
+    if (this.reservedEnd >= 0) this.reservedEnd = size; // truncating gives back the blocks past `size`
     try {
       fs.ftruncateSync(this.fd, size);
     } catch (err) {
@@ -237,6 +269,14 @@ export class NodeFile implements BlockFile {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.reservedEnd >= 0) {
+      // Blocks reserved past the end and never written: truncating to the same size frees them.
+      try {
+        fs.ftruncateSync(this.fd, fs.fstatSync(this.fd).size);
+      } catch {
+        // They stay allocated past the end: invisible to every reader, space only.
+      }
+    }
     fs.closeSync(this.fd);
   }
 }
