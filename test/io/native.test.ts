@@ -3,7 +3,7 @@
 // what `du` and qemu-img's "disk size" read, and against qemu-img's own convert output.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { closeSync, existsSync, fstatSync, openSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, fstatSync, mkdirSync, openSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { FALLOC_FL_KEEP_SIZE, fallocate, haveFallocate } from '../../src/qcow2/io/native.js';
 import { NodeFile } from '../../src/qcow2/io/file.js';
@@ -86,6 +86,37 @@ test('convert -O qcow2 with and without the helper: the same bytes and the same 
     // a few more than plain writes): far less than the 16 MiB a reservation left behind would be.
     const [mine, theirs] = [statSync(out).blocks * 512, statSync(ref).blocks * 512];
     assert.ok(Math.abs(mine - theirs) <= 128 * 1024, `${out}: ${mine} bytes on disk, qemu-img's output ${theirs}`);
+  }
+});
+
+test('commit and rebase (flatten) reserve ahead too, and leave the same disk size as qemu-img', () => {
+  const dir = tmpDir();
+  const base = join(dir, 'base.qcow2');
+  const top = join(dir, 'top.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', base, '64M']);
+  mustQemuIo(['-c', 'write -P 0x11 0 8M', base]);
+  mustQemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+  mustQemuIo(['-c', 'write -P 0x22 4M 24M', '-c', 'write -P 0x33 40M 3M', top]);
+  const sizes: Record<string, number[]> = {};
+  for (const who of ['qimg', 'qemu']) {
+    const d = join(dir, who);
+    mkdirSync(d);
+    for (const f of ['base.qcow2', 'top.qcow2']) copyFileSync(join(dir, f), join(d, f));
+    copyFileSync(join(d, 'top.qcow2'), join(d, 'flat.qcow2'));
+    const commit = ['commit', '-q', join(d, 'top.qcow2')];
+    const rebase = ['rebase', '-b', '', join(d, 'flat.qcow2')];
+    for (const args of [rebase, commit]) {
+      if (who === 'qimg') {
+        const r = qimg(args);
+        assert.is(r.status, 0, r.stderr);
+      } else mustQemuImg(args);
+    }
+    settle(d);
+    sizes[who] = ['base.qcow2', 'flat.qcow2'].map((f) => statSync(join(d, f)).blocks * 512);
+  }
+  for (const [i, f] of ['base.qcow2 after commit', 'flat.qcow2 after rebase -b ""'].entries()) {
+    const [mine, theirs] = [sizes.qimg![i]!, sizes.qemu![i]!];
+    assert.ok(Math.abs(mine - theirs) <= 128 * 1024, `${f}: ${mine} bytes on disk, qemu-img's ${theirs}`);
   }
 });
 

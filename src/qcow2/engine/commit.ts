@@ -206,6 +206,8 @@ export async function commit(path: string, opts: CommitOptions = {}): Promise<vo
         next = baseRaw;
       } else {
         baseWriter = await openWriter(p, { backing: { ...policy, roots: [...(policy.roots ?? []), dirname(path)] } });
+        // The commit allocates clusters at the base's end: reserve blocks ahead (NodeFile.growAhead).
+        baseWriter.img.file.growAhead?.();
         next = baseWriter.img;
       }
       cur.backing = next;

@@ -216,6 +216,8 @@ export async function rebase(path: string, opts: RebaseOptions): Promise<void> {
     const top: Qcow2Image = w.img;
     top.assertReadable();
     newTop?.assertReadable();
+    // The copy allocates clusters at the image's end: reserve blocks ahead (NodeFile.growAhead).
+    top.file.growAhead?.();
     const old = layersOf(top).slice(1);
     let prefix: Layer[] | null = null;
     if (newTop) {
