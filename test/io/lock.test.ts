@@ -6,7 +6,8 @@ import { closeSync, openSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QimgError } from '../../src/qcow2/errors.js';
-import { heldForWriting, lockImage, type LockMode } from '../../src/qcow2/io/lock.js';
+import { heldForWriting, heldForWritingVia, lockImage, type LockMode } from '../../src/qcow2/io/lock.js';
+import { haveFallocate } from '../../src/qcow2/io/native.js';
 import { mustQemuImg, qemuImg, qemuIo, tmpDir } from '../helpers.js';
 
 const LOCK_MODULE = fileURLToPath(new URL('../../src/qcow2/io/lock.js', import.meta.url));
@@ -255,6 +256,53 @@ test('another qimg reader allows readers, excludes writers', async () => {
     assert.is(w.message, writeMsg(img));
   } finally {
     await kill(other);
+  }
+});
+
+/** heldForWriting as the kernel (F_GETLK) and as /proc/locks answer it, from a fresh fd. */
+function bothAnswers(img: string): { kernel: boolean | undefined; procLocks: boolean } {
+  const fd = openSync(img, 'r');
+  try {
+    return { kernel: heldForWritingVia.kernel(fd), procLocks: heldForWritingVia.procLocks(fd) };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('F_GETLK (native helper) and /proc/locks agree on who holds an image for writing', async () => {
+  const img = newImage();
+  const native = haveFallocate();
+  const expect = (what: string, held: boolean, kernel: boolean | 'undecided' = held) => {
+    const got = bothAnswers(img);
+    assert.is(got.procLocks, held, `${what}: /proc/locks`);
+    if (native) assert.is(got.kernel, kernel === 'undecided' ? undefined : kernel, `${what}: F_GETLK`);
+  };
+  expect('nobody', false);
+  let q = await holdWithQemuIo(img, false);
+  expect('qemu-io read-write', true);
+  await kill(q);
+  q = await holdWithQemuIo(img, true);
+  expect('qemu-io read-only', false);
+  // A qimg reader's whole-file read lock hides what lies behind it from F_GETLK: undecided, and
+  // heldForWriting falls back to /proc/locks.
+  const reader = await holdWithQimg(img, 'read');
+  try {
+    expect('qemu-io read-only and a qimg reader', false, 'undecided');
+    const fd = openSync(img, 'r');
+    try {
+      assert.not.ok(await heldForWriting(fd));
+    } finally {
+      closeSync(fd);
+    }
+  } finally {
+    await kill(reader);
+    await kill(q);
+  }
+  const writer = await holdWithQimg(img, 'write');
+  try {
+    expect('a qimg writer', true);
+  } finally {
+    await kill(writer);
   }
 });
 

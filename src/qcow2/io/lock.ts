@@ -10,7 +10,8 @@
 //   - 'write' takes a whole-file write lock: it fails while QEMU holds any byte, and while
 //     we hold it QEMU cannot place its byte locks ("Failed to lock byte 100").
 //   - 'read' takes a whole-file read lock. That does not conflict with QEMU's read locks,
-//     so a QEMU writer is found by reading /proc/locks for its write-permission byte (101).
+//     so a QEMU writer is found by its lock on the write-permission byte (101): asked of the
+//     kernel with F_GETLK (the native helper), or read from /proc/locks without it.
 //     While we hold it, every QEMU open without -U/force-share fails, read-only ones too,
 //     because QEMU's byte tests see our lock on every byte: a side effect of having no
 //     byte-range locks, accepted so that no QEMU writer can start while we read.
@@ -21,12 +22,13 @@
 //   - a second lockImage() on the same file in the same process never conflicts with the
 //     first, it converts it ('read' <-> 'write'), and releasing either releases both;
 //   - locks are not inherited by child processes.
-// On systems without /proc/locks heldForWriting() cannot see QEMU and returns false.
+// Without the helper and without /proc/locks heldForWriting() cannot see QEMU and returns false.
 
 import { createRequire } from 'node:module';
 import { fstatSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { QimgError, osReason } from '../errors.js';
+import { conflictingLock } from './native.js';
 
 export type LockMode = 'read' | 'write';
 
@@ -112,6 +114,8 @@ function makeLock(fd: number, mode: LockMode): ImageLock {
  * imports meanwhile.
  */
 export async function heldForWriting(fd: number): Promise<boolean> {
+  const asked = heldPerKernel(fd);
+  if (asked !== undefined) return asked;
   let table: string;
   try {
     table = await readFile('/proc/locks', 'utf8');
@@ -123,6 +127,8 @@ export async function heldForWriting(fd: number): Promise<boolean> {
 
 /** heldForWriting, synchronously (for a one-off probe where nothing else could run meanwhile). */
 export function heldForWritingSync(fd: number): boolean {
+  const asked = heldPerKernel(fd);
+  if (asked !== undefined) return asked;
   let table: string;
   try {
     table = readFileSync('/proc/locks', 'utf8');
@@ -131,6 +137,33 @@ export function heldForWritingSync(fd: number): boolean {
   }
   return heldIn(table, fd);
 }
+
+/**
+ * heldIn's answer from two F_GETLK questions to the kernel (the native helper), without reading
+ * /proc/locks; undefined when the helper is absent or the answer is ambiguous. "Could a write lock
+ * go on byte 101?" names QEMU's write-permission lock, or another process's write lock there; a
+ * whole-file read lock in the way is another qimg reader, which may hide a QEMU lock behind it
+ * (F_GETLK names one lock only): ambiguous. Then "could a read lock go on the whole file?" finds
+ * a write lock anywhere. This process's own record locks never count, as in heldIn.
+ */
+function heldPerKernel(fd: number): boolean | undefined {
+  const { F_RDLCK, F_WRLCK } = fsExt.constants;
+  const atByte = conflictingLock(fd, F_WRLCK, QEMU_WRITE_PERM_BYTE, 1);
+  if (atByte === undefined) return undefined;
+  if (atByte !== null) {
+    if (atByte.type === F_WRLCK) return true;
+    return atByte.start === 0 && atByte.length === 0 ? undefined : true;
+  }
+  const anywhere = conflictingLock(fd, F_RDLCK, 0, 0);
+  if (anywhere === undefined) return undefined;
+  return anywhere !== null;
+}
+
+/** Both ways of answering heldForWriting, for tests that show they agree. */
+export const heldForWritingVia = {
+  kernel: heldPerKernel,
+  procLocks: (fd: number): boolean => heldIn(readFileSync('/proc/locks', 'utf8'), fd),
+};
 
 function heldIn(table: string, fd: number): boolean {
   const { dev, ino } = fstatSync(fd, { bigint: true });

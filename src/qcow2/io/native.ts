@@ -1,11 +1,22 @@
-// The optional native helper (native/qimg_native.c): fallocate(2), loaded once, absent when it
-// was not built (no C compiler at `npm install`) or QIMG_NO_NATIVE is set.
+// The optional native helper (native/qimg_native.c): fallocate(2) and fcntl(F_GETLK), loaded once,
+// absent when it was not built (no C compiler at `npm install`) or QIMG_NO_NATIVE is set.
 
 import { createRequire } from 'node:module';
 
 interface NativeHelper {
   /** 0, or -errno. */
   fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /** [F_UNLCK], [type, start, length, pid], or -errno. */
+  getlk(fd: number, type: number, start: number, length: number): number[] | number;
+}
+
+/** A lock another process holds (fcntl's struct flock; length 0: to the end of the file). */
+export interface HeldLock {
+  type: number;
+  start: number;
+  length: number;
+  /** -1 for an open-file-description (OFD) lock, which belongs to no process. */
+  pid: number;
 }
 
 /** fallocate mode bits (linux/falloc.h). */
@@ -37,4 +48,18 @@ export function haveFallocate(): boolean {
 export function fallocate(fd: number, mode: number, offset: number, length: number): number | null {
   const h = load();
   return h ? h.fallocate(fd, mode, offset, length) : null;
+}
+
+/**
+ * fcntl(F_GETLK): a lock another process holds that conflicts with a `type` lock (fs-ext's
+ * F_RDLCK/F_WRLCK) on [start, start+length), or null when none does; undefined when it cannot
+ * tell (no helper, or the call failed).
+ */
+export function conflictingLock(fd: number, type: number, start: number, length: number): HeldLock | null | undefined {
+  const h = load();
+  if (!h) return undefined;
+  const r = h.getlk(fd, type, start, length);
+  if (typeof r === 'number' || r.length === 0) return undefined;
+  if (r.length < 4) return null;
+  return { type: r[0]!, start: r[1]!, length: r[2]!, pid: r[3]! };
 }
