@@ -3,7 +3,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { mustQemuImg, qemuImg, qimg, run, tmpDir, type RunResult } from '../helpers.js';
@@ -111,6 +111,23 @@ for (const [args, msg, printsLine] of REFUSALS) {
 // Found by a differential run of random option sets: with two faults in one option list qimg
 // reported another than qemu-img (e.g. extended_l2 on a v2 image is refused before a bad cluster
 // size). Every pair of these faults, in both tools.
+test('create on a device: refused as qemu-img refuses it when too short, and the device never deleted', () => {
+  // Device nodes of our own (as /dev/full and /dev/null), so a regression deletes nothing that matters.
+  const dir = tmpDir();
+  for (const [name, minor] of [['full', 7], ['null', 3]] as const) {
+    const dev = join(dir, name);
+    if (run('mknod', ['-m', '666', dev, 'c', '1', String(minor)]).status !== 0) return; // not root: nothing to show
+    const r = qimg(['create', '-q', '-f', 'raw', dev, '1M']);
+    assert.is(r.status, 1);
+    assert.is(r.stderr.replace(/^qimg: /, 'qemu-img: '), qemuImg(['create', '-q', '-f', 'raw', dev, '1M']).stderr);
+    // A failed qcow2 create removes the half-written image, as QEMU does: regular files only.
+    const q = qimg(['create', '-q', '-f', 'qcow2', dev, '1M']);
+    assert.is(q.status, 1);
+    assert.is(q.stderr, `qimg: ${dev}: Cannot grow device files\n`);
+    assert.ok(statSync(dev).isCharacterDevice(), `${dev} is still a device`);
+  }
+});
+
 test('option faults two at a time: the one qemu-img reports first', () => {
   const dir = tmpDir();
   mustQemuImg(['create', '-q', '-f', 'qcow2', join(dir, 'base.qcow2'), '1M']);

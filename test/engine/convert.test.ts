@@ -230,11 +230,31 @@ test('a corrupt cluster mid-stream: one qimg: line, exit 1, no stack trace, no h
   }
 });
 
-test('a write failing mid-stream (disk full): one qimg: line, exit 1', () => {
-  const r = runQimg(['convert', '-O', 'raw', qcow2, '/dev/full']);
-  assert.not.ok(r.timedOut, 'timed out');
+/** Runs a command with its file size limit at `kib` KiB (SIGXFSZ ignored: writes fail with EFBIG). */
+function limited(kib: number, cmd: string[]): { status: number | null; stderr: string } {
+  const r = spawnSync('sh', ['-c', `ulimit -f ${kib * 2}; trap '' XFSZ; exec "$@"`, 'sh', ...cmd], { encoding: 'utf8', timeout: 120_000 });
+  return { status: r.status, stderr: r.stderr };
+}
+
+test('a raw target that cannot take the size: refused at its create step in qemu-img words, the device left alone', () => {
+  // A device keeps its length (qemu-img: "Cannot grow device files"); a file past the size limit
+  // fails its truncate. Neither gets a byte of data, and /dev/full stays a device.
+  for (const [dst, limit] of [['/dev/full', 0], [join(dir, 'limited.raw'), 1024]] as const) {
+    const args = ['convert', '-O', 'raw', qcow2, dst];
+    const ours = limit ? limited(limit, [process.execPath, QIMG_BIN, ...args]) : runQimg(args);
+    const theirs = limit ? limited(limit, ['qemu-img', ...args]) : qemuImg(args);
+    assert.is(ours.status, 1, ours.stderr);
+    assert.is(ours.stderr.replace(/^qimg: /, 'qemu-img: '), theirs.stderr, dst);
+  }
+  assert.ok(statSync('/dev/full').isCharacterDevice());
+});
+
+test('a write failing mid-stream (file size limit): one qimg: line, exit 1', () => {
+  // The header and tables fit under the limit, the data does not: the failure comes mid-copy.
+  const out = join(dir, 'limited.qcow2');
+  const r = limited(2048, [process.execPath, QIMG_BIN, 'convert', '-O', 'qcow2', qcow2, out]);
   assert.is(r.status, 1, r.stderr);
-  assert.is(r.stderr, "qimg: Could not write to '/dev/full': No space left on device\n");
+  assert.is(r.stderr, `qimg: Could not write to '${out}': File too large\n`);
 });
 
 test.run();

@@ -7,9 +7,10 @@ import type { Layer } from './layer.js';
 import { closeFile, openImage, type BackingPolicy, type ImageFormat } from './open.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { findSnapshot, parseSnapshotSelector } from './info.js';
+import * as fs from 'node:fs';
 import { openSync, closeSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { ioError } from '../errors.js';
+import { ioError, osReason } from '../errors.js';
 import { COMPRESSION_ZSTD } from '../format/layout.js';
 import type { CreateOptions } from './create.js';
 import { ioBuffer } from '../io/buffers.js';
@@ -301,6 +302,9 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
     const { lockImage } = await import('../io/lock.js');
     await lockImage(out.fd, dst, 'write');
     const size = source.virtualSize;
+    // Full size first, as qemu-img's create step does: a write inside the file is cheaper than
+    // one that extends it (no size update per write). A device keeps its length.
+    sizeRawTarget(out, dst, size);
     await copyOverlapped(source, {
       step: CHUNK,
       skip: (off) => {
@@ -313,10 +317,23 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
       place: (c, _, writes) => writeNonZero(out, c.buf.subarray(0, c.len), c.off, writes),
       progress,
     });
-    out.truncate(size);
     // No fsync: a new output, written the way qemu-img convert writes it (cache mode "unsafe").
   } finally {
     await closeFile(out);
+  }
+}
+
+/** qemu-img's create step for a raw target: its size set, in convert's words when that fails. */
+function sizeRawTarget(out: NodeFile, dst: string, size: number): void {
+  const device = out.deviceLength();
+  if (device !== null) {
+    if (size > device) throw createError(new QimgError('IO', 'Cannot grow device files', { path: dst }), dst, 'raw');
+    return;
+  }
+  try {
+    fs.ftruncateSync(out.fd, size);
+  } catch (err) {
+    throw createError(new QimgError('IO', `Could not resize file: ${osReason(err as NodeJS.ErrnoException)}`, { path: dst }), dst, 'raw');
   }
 }
 

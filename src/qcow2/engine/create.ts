@@ -526,7 +526,8 @@ async function openForCreate(path: string): Promise<{ file: NodeFile; lock: Imag
     const lock = await lockImage(file.fd, path, 'write');
     // A file this call created is still empty: no truncate, whose journal update can wait
     // for the commit of an earlier unlink, as open(O_TRUNC) skips it for a created file.
-    if (!created || fs.fstatSync(file.fd).size > 0) file.truncate(0);
+    // A device is never truncated (setSize checks its length).
+    if ((!created || fs.fstatSync(file.fd).size > 0) && file.deviceLength() === null) file.truncate(0);
     return { file, lock };
   } catch (err) {
     file.close();
@@ -542,6 +543,12 @@ async function closeLocked(o: { file: NodeFile; lock: ImageLock }): Promise<void
 }
 
 function setSize(file: NodeFile, path: string, size: number, format: string): void {
+  const device = file.deviceLength();
+  if (device !== null) {
+    // A device keeps its length; QEMU refuses one too short for the image.
+    if (size > device) throw refuse(path, 'Cannot grow device files');
+    return;
+  }
   try {
     fs.ftruncateSync(file.fd, size);
   } catch (err) {
@@ -598,9 +605,10 @@ async function createQcow2(path: string, opts: CreateOptions, size: number, form
     setSize(o.file, path, plan.fileSize, 'qcow2');
     writeQcow2Layout(o.file, p, plan);
   } catch (err) {
-    // A half-written image is worse than none: remove it (QEMU deletes it too).
+    // A half-written image is worse than none: remove it, as QEMU does, and as QEMU only when it
+    // is a regular file: never a device (qimg create on /dev/full once deleted /dev/full).
     try {
-      fs.rmSync(path, { force: true });
+      if (fs.statSync(path).isFile()) fs.rmSync(path, { force: true });
     } catch {
       /* best effort */
     }

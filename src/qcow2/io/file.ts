@@ -59,6 +59,7 @@ export interface BlockFile {
   growAhead?(): void;
 }
 
+const SEEK_END = 2;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 interface FsSeek {
@@ -264,6 +265,23 @@ export class NodeFile implements BlockFile {
 
   allocatedBytes(): number {
     return fs.fstatSync(this.fd).blocks * 512;
+  }
+
+  /**
+   * null for a regular file; for a device, the bytes it holds (a block device's length, 0 for
+   * a character device such as /dev/null): what QEMU's file protocol sees as its size, which
+   * it cannot grow ("Cannot grow device files").
+   */
+  deviceLength(): number | null {
+    const st = fs.fstatSync(this.fd);
+    if (st.isFile()) return null;
+    if (!st.isBlockDevice()) return 0;
+    try {
+      fsSeek ??= createRequire(import.meta.url)('fs-ext') as FsSeek;
+      return fsSeek.seekSync(this.fd, 0, SEEK_END);
+    } catch {
+      return 0;
+    }
   }
 
   close(): void {
