@@ -292,7 +292,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
     if (preallocation === undefined) closeSync(openSync(dst, 'w'));
     else {
       const { create } = await import('./create.js');
-      await create(dst, { format: 'raw', size: source.virtualSize, preallocation });
+      await create(dst, { format: 'raw', size: source.virtualSize, preallocation, durable: false });
     }
   } catch (err) {
     throw createError(err instanceof QimgError ? err : ioError(err, dst, 'Could not create'), dst, 'raw');
@@ -358,6 +358,7 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
       format: 'qcow2',
       size: source.virtualSize,
       ...(tb ? { backingFile: tb.file, backingFormat: tb.format } : {}),
+      durable: false, // like the copy: flushed at the end only when the cache mode asks
     });
   } catch (err) {
     throw createError(err, dst, 'qcow2');

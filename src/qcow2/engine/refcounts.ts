@@ -11,7 +11,7 @@
 
 import { QimgError, hex } from '../errors.js';
 import { refcountTableEntryOffset } from '../format/entries.js';
-import { setU64, u32 } from '../format/bytes.js';
+import { nonZeroEntries, setU64, u32 } from '../format/bytes.js';
 import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refblock.js';
 import { MAX_REFTABLE_BYTES } from '../format/layout.js';
 import { readAt, type BlockFile } from '../io/file.js';
@@ -110,7 +110,7 @@ export class Refcounts {
   protectRefcountStructures(): void {
     this.protect(0, this.clusterSize);
     this.protect(this.location.offset, this.location.clusters * this.clusterSize);
-    for (let t = 0; t < this.tableEntries; t++) {
+    for (const t of nonZeroEntries(this.reftable)) {
       const off = refcountTableEntryOffset(u32(this.reftable, t * 8), u32(this.reftable, t * 8 + 4));
       if (off !== 0) this.protect(off, this.clusterSize);
     }

@@ -3,7 +3,7 @@
 
 import { deflateRawSync } from 'node:zlib';
 import { QimgError, hex } from '../errors.js';
-import { LITTLE_ENDIAN_HOST, ints32, setU32, setU64, u32 } from '../format/bytes.js';
+import { LITTLE_ENDIAN_HOST, ints32, nonZeroEntries, setU32, setU64, u32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset, refcountTableEntryOffset } from '../format/entries.js';
 import { buildExtensions, encodeHeader, hasIncompat, l1EntriesFor, type Header } from '../format/header.js';
 import * as L from '../format/layout.js';
@@ -224,7 +224,7 @@ export class ImageWriter {
     const other = this.otherMetadata();
     const activeL2 = this.activeL2Clusters();
     const rt = refs.reftable;
-    for (let t = 0; t * 8 < rt.length; t++) {
+    for (const t of nonZeroEntries(rt)) {
       const off = refcountTableEntryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
       if (off === 0) continue;
       const where = `refcount table entry ${t} (refcount block at ${hex(off)})`;
@@ -263,7 +263,7 @@ export class ImageWriter {
     mark(0, cs, 'image header');
     const rt = this.refs.reftable;
     mark(this.refs.location.offset, this.refs.location.clusters * cs, 'refcount table');
-    for (let t = 0; t * 8 < rt.length; t++) {
+    for (const t of nonZeroEntries(rt)) {
       const off = refcountTableEntryOffset(u32(rt, t * 8), u32(rt, t * 8 + 4));
       if (off !== 0) mark(off, cs, 'refcount block');
     }

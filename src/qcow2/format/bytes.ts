@@ -14,6 +14,23 @@ export function u32(buf: Uint8Array, off: number): number {
   return ((buf[off]! << 24) | (buf[off + 1]! << 16) | (buf[off + 2]! << 8) | buf[off + 3]!) >>> 0;
 }
 
+const ZERO_SPAN = new Uint8Array(4096);
+
+/**
+ * Indices of the 8-byte entries of `table` (a refcount or L1 table) that are not all zero, in
+ * order. All-zero 4 KiB stretches are passed over with one native compare each: a new image's
+ * refcount table is a cluster of entries of which one or two are set, and every writer walks it.
+ */
+export function nonZeroEntries(table: Uint8Array): number[] {
+  const out: number[] = [];
+  for (let base = 0; base < table.length; base += ZERO_SPAN.length) {
+    const end = Math.min(table.length, base + ZERO_SPAN.length);
+    if (Buffer.compare(table.subarray(base, end), ZERO_SPAN.subarray(0, end - base)) === 0) continue;
+    for (let e = base; e + 8 <= end; e += 8) if (u32(table, e) !== 0 || u32(table, e + 4) !== 0) out.push(e / 8);
+  }
+  return out;
+}
+
 /** A 64-bit field that must be an exact number; `what` names it in the error. */
 export function u64(buf: Uint8Array, off: number, what: string): number {
   const hi = u32(buf, off);
