@@ -22,11 +22,21 @@ export class RawImage implements Layer {
 
   assertReadable(): void {}
 
+  /**
+   * The last data or hole run the file system reported, [start, end), for a file open read-only
+   * (held under a read lock, its map does not change): convert asks about each chunk several
+   * times, and each answer cost an fstat and two lseeks.
+   */
+  private lastRun: { start: number; end: number; data: boolean } | null = null;
+
   extent(offset: number, maxLength: number): Extent {
     // Holes the file system reports (SEEK_HOLE) read as zero; zero bytes written out are found
     // by the caller's zero scan. The tail past the file's end (sector rounding) reads as zero.
     const max = Math.min(maxLength, this.virtualSize - offset);
+    const known = this.lastRun;
+    if (known && offset >= known.start && offset < known.end) return { kind: known.data ? 'data' : 'zero', length: Math.min(max, known.end - offset) };
     const run = this.file.dataRun?.(offset) ?? null;
+    if (run !== null && !this.file.writable) this.lastRun = { start: offset, end: offset + run.length, data: run.data };
     if (run === null) {
       const fileSize = this.file.size();
       if (offset >= fileSize) return { kind: 'zero', length: max };
