@@ -2,6 +2,7 @@
 // absent when it was not built (no C compiler at `npm install`) or QIMG_NO_NATIVE is set.
 
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 interface NativeHelper {
   /** 0, or -errno. */
@@ -30,7 +31,7 @@ function load(): NativeHelper | null {
   if (process.platform !== 'linux' || process.env.QIMG_NO_NATIVE) return helper;
   try {
     // From dist/src/qcow2/io/ (compiled) or src/qcow2/io/ (sources): the same build directory.
-    const here = new URL('.', import.meta.url).pathname;
+    const here = fileURLToPath(new URL('.', import.meta.url)); // a path with spaces stays a path
     const dir = here.includes('/dist/src/') ? here.replace('/dist/src/', '/src/') : here;
     helper = createRequire(import.meta.url)(`${dir}native/build/Release/qimg_native.node`) as NativeHelper;
   } catch {
