@@ -206,7 +206,9 @@ export class NodeFile implements BlockFile {
   }
 
   growAhead(): void {
-    if (this.writable && !this.closed && haveFallocate()) this.reservedEnd = Math.max(this.reservedEnd, this.size());
+    if (!this.writable || this.closed || !haveFallocate()) return;
+    const st = fs.fstatSync(this.fd);
+    if (st.isFile()) this.reservedEnd = Math.max(this.reservedEnd, st.size); // a device has no end to grow past
   }
 
   /**
