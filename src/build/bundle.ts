@@ -7,7 +7,7 @@
 // that runs is the code tsc checked and the tests import.
 
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -40,6 +40,13 @@ const distModules: Plugin = {
   },
 };
 
+/** Written beside and renamed over: a qimg starting meanwhile reads the old file or the new, never half of one. */
+function writeAtomically(path: string, data: string | Uint8Array): void {
+  const tmp = `${path}.${process.pid}.tmp`;
+  writeFileSync(tmp, data);
+  renameSync(tmp, path);
+}
+
 async function bundle(): Promise<void> {
   const result = await build({
     entryPoints: [join(DIST, 'src', 'cli', 'main.js')],
@@ -63,7 +70,7 @@ async function bundle(): Promise<void> {
   code = code.replace(/\bimport\(("[^"\n]+")\)/g, '__qimgImport($1)');
   if (/\bimport\(/.test(code)) throw new Error(`an import() of ${calls} is not a plain string: the bundle would not load it`);
   // The loader calls the script's value with CommonJS's five arguments and its import().
-  writeFileSync(BUNDLE, `(function (exports, require, module, __filename, __dirname, __qimgImport) {\n${code}\n})`);
+  writeAtomically(BUNDLE, `(function (exports, require, module, __filename, __dirname, __qimgImport) {\n${code}\n})`);
 }
 
 /**
@@ -96,13 +103,14 @@ function warmUp(): void {
       ['check', '-r', 'all', 'new.qcow2'],
     ];
     const script = `
-      const { writeFileSync } = require('node:fs');
+      const { renameSync, writeFileSync } = require('node:fs');
       const { loadBundle, CODE_CACHE } = require(${JSON.stringify(join(REPO, 'bin', 'bundle-loader.js'))});
       (async () => {
         const b = loadBundle({ useCache: false });
         if (!b) throw new Error('no bundle to warm up');
         for (const argv of ${JSON.stringify(runs)}) await b.exports.main(argv);
-        writeFileSync(CODE_CACHE, b.script.createCachedData());
+        writeFileSync(CODE_CACHE + '.tmp', b.script.createCachedData());
+        renameSync(CODE_CACHE + '.tmp', CODE_CACHE);
         process.exitCode = 0;
       })();
     `;
