@@ -44,13 +44,18 @@ function loadBundle({ useCache = true } = {}) {
       cachedData = undefined;
     }
   }
-  const script = new Script(readFileSync(BUNDLE, 'utf8'), { filename: BUNDLE, cachedData });
-  const module = { exports: {} };
   // The bundle's import() calls (yargs for --help, the zstd codec: modules it does not contain)
   // come here: a path relative to dist/, or a package found from this directory.
   const importer = (specifier) => import(specifier.startsWith('./') ? pathToFileURL(join(dirname(BUNDLE), specifier)).href : specifier);
-  script.runInThisContext()(module.exports, createRequire(BUNDLE), module, BUNDLE, dirname(BUNDLE), importer);
-  return { exports: module.exports, script };
+  try {
+    const script = new Script(readFileSync(BUNDLE, 'utf8'), { filename: BUNDLE, cachedData });
+    const module = { exports: {} };
+    script.runInThisContext()(module.exports, createRequire(BUNDLE), module, BUNDLE, dirname(BUNDLE), importer);
+    if (typeof module.exports.main !== 'function') return null;
+    return { exports: module.exports, script };
+  } catch {
+    return null; // a damaged bundle: the module tree still works
+  }
 }
 
 module.exports = { BUNDLE, CODE_CACHE, loadBundle };

@@ -89,6 +89,10 @@ test('a bundle older than the module tree, or a cache older than its bundle, is 
   assert.is(loadBundle()!.script.cachedDataRejected, true);
   at('dist/src/cli/main.js', 4000); // tsc ran after the bundle was built
   assert.is(loadBundle(), null);
+  // A damaged bundle (cut short) is not used either: the module tree still runs the command.
+  writeFileSync(join(root, 'dist', 'qimg.cjs'), '(function (exports, require, module) { module.exports.main = ');
+  at('dist/qimg.cjs', 5000);
+  assert.is(loadBundle(), null);
 });
 
 test.run();
