@@ -12,8 +12,8 @@ import { entryOffset, refcountTableEntryOffset } from '../format/entries.js';
 import { getRefcount } from '../format/refblock.js';
 import { readAt } from '../io/file.js';
 import { OFLAG_COMPRESSED_HI } from '../format/layout.js';
-import type { BlockFile } from '../io/file.js';
 import type { Layer } from './layer.js';
+import { hostZero } from './holes.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { RawImage } from './raw-image.js';
 
@@ -163,28 +163,6 @@ function detectPreallocation(img: Qcow2Image): boolean {
     for (let i = 0; i < n && count < threshold; i++) if (getRefcount(block, i, h.refcountOrder) !== 0) count++;
   }
   return count >= threshold;
-}
-
-/**
- * With want_zero, QEMU asks the file under a data extent about [host, host + length): a hole
- * there, or the end of the file, reads as zero (a preallocation=metadata image is all such
- * extents). The file node's length is counted in whole sectors. Returns the extent's new length
- * and whether it reads as zero; null when the file cannot tell (it is then data, unchanged).
- */
-function hostZero(file: BlockFile, host: number, length: number): { zero: boolean; length: number } | null {
-  if (!file.dataRun) return null;
-  const size = file.size();
-  const sectors = Math.ceil(size / 512) * 512;
-  // At or past the end (the partial last sector included): zero, all of it.
-  if (host >= size) return { zero: true, length };
-  const run = file.dataRun(host);
-  if (run === null) return { zero: false, length: Math.min(length, sectors - host) };
-  if (!run.data) {
-    // A hole running to the end of the file is the end of the file: zero, all of it.
-    if (host + run.length >= size) return { zero: true, length };
-    return { zero: true, length: Math.min(length, run.length) };
-  }
-  return { zero: false, length: Math.min(length, run.length) };
 }
 
 function rawStatus(raw: RawImage, offset: number, len: number): LayerStatus {
