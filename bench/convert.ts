@@ -31,6 +31,7 @@ import {
   qimgRoot,
   renderProfile,
   run,
+  syncAll,
   syncFile,
   table,
   timedRun,
@@ -274,6 +275,7 @@ export function runConvertBench(opts: BigBenchOptions, log: (s: string) => void)
       const i = (k + round) % cmds.length;
       const cmd = cmds[i]!;
       rmSync(cmd.out, { force: true });
+      syncAll();
       const r = timedRun(cmd.file, cmd.args, { gnuTime, scratch: work });
       const shown = `${cmd.tool === 'qimg' ? qimgBin : 'qemu-img'} ${cmd.args.join(' ')}`;
       let problems: string[] = [];

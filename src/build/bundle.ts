@@ -109,6 +109,9 @@ function warmUp(): void {
         const b = loadBundle({ useCache: false });
         if (!b) throw new Error('no bundle to warm up');
         for (const argv of ${JSON.stringify(runs)}) await b.exports.main(argv);
+        // convert held TurboFan back (src/cli/tiering.ts). V8 stamps a cache with a hash of the
+        // flags at the time, and a run that loads it has the defaults: back to them first.
+        require('node:v8').setFlagsFromString('--turbofan');
         writeFileSync(CODE_CACHE + '.tmp', b.script.createCachedData());
         renameSync(CODE_CACHE + '.tmp', CODE_CACHE);
         process.exitCode = 0;

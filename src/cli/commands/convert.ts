@@ -5,6 +5,7 @@ import { CACHE_MODES, convert } from '../../qcow2/engine/convert.js';
 import { all, backingPolicy, COMMON_READ_OPTIONS, flag, imageFormat, last, parseArgs, usage } from '../args.js';
 import { checkOptionList, parseCreateOptions, splitOptions } from '../create-options.js';
 import { progressBar } from '../progress.js';
+import { holdBackOptimizer, HOLD_BACK_MS, sizeThreadPool } from '../tuning.js';
 
 export async function run(argv: string[]): Promise<number> {
   const p = parseArgs('convert', argv, [
@@ -38,6 +39,8 @@ export async function run(argv: string[]): Promise<number> {
   const list = all(p, 'options');
   const tb = last(p, 'target-backing');
   const showProgress = flag(p, 'progress') && !flag(p, 'quiet') && process.stdout.isTTY === true;
+  holdBackOptimizer(HOLD_BACK_MS);
+  if (!flag(p, 'compress')) sizeThreadPool();
   await convert(src, dst, {
     format: imageFormat(p, src),
     outputFormat: out as 'raw' | 'qcow2',
