@@ -1,7 +1,7 @@
 // Changing a qcow2 image: guest writes with copy-on-write, zero writes, discard, compressed
 // clusters, resize — and commit(), the ONE function that owns the on-disk write order.
 
-import { deflateRawSync } from 'node:zlib';
+import { createRequire } from 'node:module';
 import { QimgError, hex } from '../errors.js';
 import { LITTLE_ENDIAN_HOST, ints32, nonZeroEntries, setU32, setU64, u32 } from '../format/bytes.js';
 import { ClusterKind, classifyL2, compressedByteLength, compressedOffset, encodeCompressed, encodeOffset, entryOffset, refcountTableEntryOffset } from '../format/entries.js';
@@ -1249,9 +1249,15 @@ function copiedFixes16(words: Int32Array, refs: Refcounts, cb: number, step: num
   return changed;
 }
 
+// Loaded on first use, as in decompress.ts: node:zlib brings Node's whole streams stack (~3 ms
+// at every start of a command that opens a writer), and most writes compress nothing.
+const require = createRequire(import.meta.url);
+let zlib: typeof import('node:zlib') | null = null;
+
 /** QEMU's "zlib" type: raw deflate, no zlib header. */
 export function deflateCompressor(data: Uint8Array): Uint8Array {
-  return deflateRawSync(data);
+  zlib ??= require('node:zlib') as typeof import('node:zlib');
+  return zlib.deflateRawSync(data);
 }
 
 export { setU64 };
