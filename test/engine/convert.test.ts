@@ -294,4 +294,28 @@ test('a preallocation=metadata source: its holes are not read, and the outputs a
   }
 });
 
+test('a data cluster whose entry points past 2^53 (fuzz seed 20240601 #804): convert ends, as qemu-img does', () => {
+  const src = join(dir, 'far.qcow2');
+  mustQemuImg(['create', '-q', '-f', 'qcow2', src, '1M']);
+  mustQemuIo(['-f', 'qcow2', '-c', 'write -P 0x61 0 128k', src]);
+  const bytes = new Uint8Array(readFileSync(src));
+  const probe = Qcow2Image.open(new MemoryFile(bytes, 'far.qcow2', false), 'far.qcow2');
+  const l2 = entryOffset(u32(probe.l1, 0), u32(probe.l1, 4));
+  // Cluster 1's entry: host offset bit 54 set (the high word 0x00400000), flags kept.
+  const at = l2 + 8;
+  bytes.set([0x80, 0x40, 0x00, 0x00], at);
+  const fd = openSync(src, 'r+');
+  writeSync(fd, bytes, at, 4, at);
+  closeSync(fd);
+  for (const fmt of ['raw', 'qcow2']) {
+    const out = join(dir, `far-out${seq++}.${fmt}`);
+    const ref = join(dir, `far-ref${seq++}.${fmt}`);
+    const q = qemuImg(['convert', '-O', fmt, src, ref]);
+    const r = spawnSync(process.execPath, [QIMG_BIN, 'convert', '-O', fmt, src, out], { encoding: 'utf8', timeout: 30_000 });
+    assert.is(r.signal, null, `${fmt}: qimg convert did not finish (killed after 30 s)`);
+    assert.is(r.status, q.status, `${fmt}: qimg exit ${r.status} (${r.stderr.trim()}), qemu-img ${q.status} (${q.stderr.trim()})`);
+    if (q.status === 0) identical(ref, out);
+  }
+});
+
 test.run();

@@ -68,4 +68,22 @@ test('HoleCache: answers for whole runs, kept per file; a file that cannot tell 
   }
 });
 
+test('HoleCache: a host offset past 2^53 (a damaged entry) reads as zero, every answer at least 1 byte long', () => {
+  const f = NodeFile.open(sparse(), false);
+  try {
+    const holes = new HoleCache();
+    const far = 2 ** 54;
+    // Before the fix: the run's end was host + (2^53 - 1 - host), below host: an endless loop.
+    assert.equal(holes.probe(f, far, 65536), { zero: true, length: 65536 });
+    assert.equal(holes.probe(f, far + 65536, 65536), { zero: true, length: 65536 });
+    assert.equal(holes.probe(f, 2 * MiB, 65536), { zero: false, length: 65536 });
+    for (const host of [0, MiB, 2 * MiB, 3 * MiB - 1, 8 * MiB + 99, 2 ** 53, 2 ** 60]) {
+      const p = holes.probe(f, host, 4096);
+      assert.ok(p.length >= 1 && p.length <= 4096, `host ${host}: length ${p.length}`);
+    }
+  } finally {
+    f.close();
+  }
+});
+
 test.run();

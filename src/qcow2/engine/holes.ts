@@ -30,6 +30,8 @@ export function hostZero(file: BlockFile, host: number, length: number): { zero:
  * hostZero for a reader walking files it does not change (convert's source): each answer covers
  * a whole run of the file and is kept, so a file that is one run of data costs one question, and
  * a preallocated image's holes are skipped without reading them. A file that cannot tell is data.
+ * Runs that reach past the file's end are unbounded (Infinity), never host + a length: a damaged
+ * entry can put `host` past 2^53, where that sum stops moving (a fuzz case spun on it forever).
  */
 export class HoleCache {
   private file: BlockFile | null = null;
@@ -39,15 +41,35 @@ export class HoleCache {
 
   /** Whether [host, host + length) begins with bytes that read as zero, and for how many (1..length). */
   probe(file: BlockFile, host: number, length: number): { zero: boolean; length: number } {
-    if (file !== this.file || host < this.start || host >= this.end) {
-      this.file = file;
-      const z = hostZero(file, host, Number.MAX_SAFE_INTEGER - host);
-      this.start = host;
-      this.end = z ? host + z.length : Number.MAX_SAFE_INTEGER;
-      this.zero = z?.zero ?? false;
-      // "Cannot tell" is asked once per file: everything from here on is data.
-      if (!z) this.start = 0;
+    if (file !== this.file || !(host >= this.start && host < this.end)) this.ask(file, host);
+    const n = Math.min(length, this.end - host);
+    // Never an empty (or NaN) answer, whatever `host` is: the callers' loops advance by it.
+    return n >= 1 ? { zero: this.zero, length: n } : { zero: false, length };
+  }
+
+  private ask(file: BlockFile, host: number): void {
+    this.file = file;
+    this.start = host;
+    this.end = Infinity;
+    this.zero = false;
+    if (!file.dataRun) {
+      this.start = 0; // "cannot tell" is asked once per file: all of it is data
+      return;
     }
-    return { zero: this.zero, length: Math.min(length, this.end - host) };
+    const size = file.size();
+    if (host >= size) {
+      this.zero = true; // at or past the end
+      return;
+    }
+    const run = file.dataRun(host);
+    if (run === null) {
+      this.start = 0;
+      return;
+    }
+    this.zero = !run.data;
+    // A run reaching the end: a hole there is the end of the file (zero from here on); data
+    // ends where the file does.
+    if (host + run.length < size) this.end = host + run.length;
+    else if (run.data) this.end = size;
   }
 }
