@@ -95,6 +95,14 @@ function holeRun(source: Layer, off: number, probe: number, span: number, holes:
   return done;
 }
 
+/**
+ * A HoleCache for the source's data files, or null for a raw source: its extents come from
+ * SEEK_DATA already (asking again cost a 1 GiB raw source ~1100 more system calls).
+ */
+function sourceHoles(source: Layer): HoleCache | null {
+  return source.format === 'raw' ? null : new HoleCache();
+}
+
 type TargetOptions = Omit<CreateOptions, 'format' | 'size'>;
 
 /** QEMU's cache modes (bdrv_parse_cache_mode). */
@@ -357,7 +365,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
     // Full size first, as qemu-img's create step does: a write inside the file is cheaper than
     // one that extends it (no size update per write). A device keeps its length.
     sizeRawTarget(out, dst, size);
-    const holes = new HoleCache();
+    const holes = sourceHoles(source);
     await copyOverlapped(source, {
       step: CHUNK,
       holes,
@@ -428,7 +436,7 @@ async function writeQcow2(source: Layer, dst: string, opts: ConvertOptions): Pro
     const step = Math.max(cs, Math.floor(CHUNK / cs) * cs);
     const base = backing ? ioBuffer(step) : null;
     const outFile = w.img.file;
-    const holes = new HoleCache();
+    const holes = sourceHoles(source);
     // The image grows at its end: reserve blocks ahead of the copy (see NodeFile.growAhead).
     outFile.growAhead?.();
     await copyOverlapped<{ kinds: Uint8Array; packed: Uint8Array[] | null }>(source, {
