@@ -70,7 +70,7 @@ async function bundle(): Promise<void> {
   code = code.replace(/\bimport\(("[^"\n]+")\)/g, '__qimgImport($1)');
   if (/\bimport\(/.test(code)) throw new Error(`an import() of ${calls} is not a plain string: the bundle would not load it`);
   // ASCII only: one non-ASCII character (a dash in a comment) made V8 hold the whole script as a
-  // two-byte string, twice the memory, and its UTF-8 decode slower at every start. \uXXXX means
+  // two-byte string, twice the memory, and its UTF-8 decode slower at every start. A \u escape means
   // the same character in a string, a regular expression or an identifier, and nothing in a comment.
   code = code.replace(/[^\x00-\x7f]/g, (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`);
   // The loader calls the script's value with CommonJS's five arguments and its import().

@@ -1,12 +1,12 @@
-// How the Node runtime is tuned for the short, I/O-bound copying commands (convert, commit,
-// rebase): V8's optimising compiler held back at first, and libuv's thread pool sized to the CPUs.
+// How the Node runtime is tuned for a copying command (`convert`; commit and rebase already beat
+// qemu-img without it): V8's optimising compiler held back at first, libuv's pool sized to the CPUs.
 // A CLI concern only: the library never changes the flags or environment of the process it runs
 // in. Both are process-wide, and safe to set here: the CLI runs one command per process.
 
 import { availableParallelism } from 'node:os';
 import { setFlagsFromString } from 'node:v8';
 
-/** How long the copying commands hold TurboFan back: a 1 GiB convert's copy takes ~0.2 s. */
+/** How long convert holds TurboFan back: a 1 GiB convert's copy takes ~0.2 s. */
 export const HOLD_BACK_MS = 300;
 
 let held = false;
