@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { QimgError, ioError } from '../errors.js';
-import { FALLOC_FL_KEEP_SIZE, fallocate, haveFallocate } from './native.js';
+import { FALLOC_FL_KEEP_SIZE, fallocate, haveBulkIO, haveFallocate, readScan, writeRuns, type BulkIoError, type ZeroScan } from './native.js';
 
 /** growAhead's first reservation past the end, and the most one reservation adds. */
 const RESERVE_MIN = 16 * 1024 * 1024;
@@ -45,6 +45,12 @@ export interface BlockFile {
    */
   readAsync?(buf: Uint8Array, pos: number): Promise<number>;
   writeAsync?(buf: Uint8Array, pos: number): Promise<void>;
+  /**
+   * Optional: writes the runs of `buf` given as [bufferOffset, length, position] triples, as ONE
+   * job when the native helper is there (see native.ts writeRuns), else as writeAsync calls. The
+   * same contract as writeAsync.
+   */
+  writeRunsAsync?(buf: Uint8Array, runs: number[]): Promise<void>;
   /**
    * Whether the file holds data or a hole at `pos` (< size), and for how long, as
    * SEEK_DATA/SEEK_HOLE report it; absent or null: the file cannot tell (treat it as data).
@@ -86,6 +92,38 @@ export function readAt(file: BlockFile, buf: Uint8Array, pos: number): number {
   const n = file.read(buf, pos);
   if (n < buf.length) buf.fill(0, n);
   return n;
+}
+
+/** A run of a bulk read: buf[offset, offset + length) from `file` at `pos`. */
+export interface ReadRun {
+  file: BlockFile;
+  offset: number;
+  length: number;
+  pos: number;
+}
+
+/**
+ * Reads every run into `buf` as ONE job on libuv's threads (zeros past a file's end, and for a
+ * position no file can reach), then, with `scan`, flags each all-zero block whose flag is still 0
+ * by setting it to 2 (see native.ts readScan). Null without the native helper or when a run's
+ * file has no descriptor: the caller reads run by run.
+ */
+export function readRunsScan(buf: Uint8Array, runs: ReadRun[], scan: ZeroScan | null): Promise<void> | null {
+  if (!haveBulkIO() || runs.some((r) => r.file.fd === null)) return null;
+  const segs = new Float64Array(runs.length * 4);
+  let n = 0;
+  for (const r of runs) {
+    // A damaged table's offset past 2^53: no file is that long, it reads as zeros (as read() does).
+    if (r.pos + r.length > Number.MAX_SAFE_INTEGER) {
+      buf.fill(0, r.offset, r.offset + r.length);
+      continue;
+    }
+    segs.set([r.file.fd!, r.offset, r.length, r.pos], 4 * n++);
+  }
+  const job = readScan(buf, segs.subarray(0, 4 * n), scan)!;
+  return job.catch((err: BulkIoError) => {
+    throw ioError(err, runs.filter((r) => r.pos + r.length <= Number.MAX_SAFE_INTEGER)[err.segment]?.file.path ?? '', 'Could not read');
+  });
 }
 
 /** fs.read / fs.write as promises without fs.promises' FileHandle (the engine holds plain fds). */
@@ -188,6 +226,31 @@ export class NodeFile implements BlockFile {
         throw ioError(err, this.path, 'Could not write to');
       }
     }
+  }
+
+  writeRunsAsync(buf: Uint8Array, runs: number[]): Promise<void> {
+    if (!this.writable) return Promise.reject(new QimgError('READ_ONLY', `'${this.path}' is open read-only`));
+    if (!haveBulkIO()) {
+      const writes: Array<Promise<void>> = [];
+      for (let i = 0; i < runs.length; i += 3) writes.push(this.writeAsync(buf.subarray(runs[i]!, runs[i]! + runs[i + 1]!), runs[i + 2]!));
+      // Settled, all of them, before this settles: none is left writing from a buffer handed back.
+      return Promise.allSettled(writes).then((results) => {
+        for (const r of results) if (r.status === 'rejected') throw r.reason;
+      });
+    }
+    const segs = new Float64Array((runs.length / 3) * 4);
+    let end = 0;
+    for (let i = 0, s = 0; i < runs.length; i += 3, s += 4) {
+      segs[s] = this.fd;
+      segs[s + 1] = runs[i]!;
+      segs[s + 2] = runs[i + 1]!;
+      segs[s + 3] = runs[i + 2]!;
+      end = Math.max(end, runs[i + 1]! + runs[i + 2]!);
+    }
+    if (end > this.reservedEnd && this.reservedEnd >= 0) this.reserve(end);
+    return writeRuns(buf, segs)!.catch((err: BulkIoError) => {
+      throw ioError(err, this.path, 'Could not write to');
+    });
   }
 
   dataRun(pos: number): { data: boolean; length: number } | null {

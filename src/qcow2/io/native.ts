@@ -1,7 +1,9 @@
-// The optional native helper (native/qimg_native.c): fallocate(2) and fcntl(F_GETLK), loaded once,
-// absent when it was not built (no C compiler at `npm install`) or QIMG_NO_NATIVE is set.
+// The optional native helper (native/qimg_native.c): fallocate(2), fcntl(F_GETLK) and convert's bulk
+// I/O jobs, loaded once, absent when it was not built (no C compiler at `npm install`) or
+// QIMG_NO_NATIVE is set.
 
 import { createRequire } from 'node:module';
+import { getSystemErrorMap } from 'node:util';
 import { fileURLToPath } from 'node:url';
 
 interface NativeHelper {
@@ -9,6 +11,18 @@ interface NativeHelper {
   fallocate(fd: number, mode: number, offset: number, length: number): number;
   /** [F_UNLCK], [type, start, length, pid], or -errno. */
   getlk(fd: number, type: number, start: number, length: number): number[] | number;
+  readScan(buf: Uint8Array, segs: Float64Array, zero: Uint8Array | null, grain: number, first: number, end: number, cb: IoCallback): void;
+  writeRuns(buf: Uint8Array, segs: Float64Array, cb: IoCallback): void;
+}
+
+type IoCallback = (errno: number, segment: number) => void;
+
+/** A bulk job's failure, shaped as Node's fs errors are (code 'EIO', ...), and which segment met it. */
+export interface BulkIoError {
+  code: string;
+  errno: number;
+  message: string;
+  segment: number;
 }
 
 /** A lock another process holds (fcntl's struct flock; length 0: to the end of the file). */
@@ -63,4 +77,54 @@ export function conflictingLock(fd: number, type: number, start: number, length:
   if (typeof r === 'number' || r.length === 0) return undefined;
   if (r.length < 4) return null;
   return { type: r[0]!, start: r[1]!, length: r[2]!, pid: r[3]! };
+}
+
+/** Whether readScan()/writeRuns() run natively here. */
+export function haveBulkIO(): boolean {
+  return typeof load()?.readScan === 'function'; // a helper built before it had them has not
+}
+
+function bulkError(errno: number, segment: number): BulkIoError {
+  const [code, text] = getSystemErrorMap().get(-errno) ?? [`errno ${errno}`, 'unknown error'];
+  return { code, errno: -errno, message: `${code}: ${text}`, segment };
+}
+
+/** A job's promise; arguments the helper refuses throw here, before anything is queued. */
+function job(start: (cb: IoCallback) => void): Promise<void> {
+  let done: IoCallback = () => undefined;
+  const p = new Promise<void>((resolve, reject) => {
+    done = (errno, segment) => (errno === 0 ? resolve() : reject(bulkError(errno, segment)));
+  });
+  start((errno, segment) => done(errno, segment));
+  return p;
+}
+
+/** Which blocks of a buffer readScan() checks: block k is [first + k*grain, first + (k+1)*grain), cut at `end`. */
+export interface ZeroScan {
+  /** One flag per block: 0 = not known to be zero; readScan sets 2 where all bytes are zero. */
+  zero: Uint8Array;
+  grain: number;
+  first: number;
+  end: number;
+}
+
+/**
+ * One job on libuv's thread pool: each segment of `segs` ([fd, bufferOffset, length, filePosition]
+ * quadruples) read into `buf` (zeros past a file's end), then, with `scan`, each all-zero block
+ * whose flag is 0 flagged 2. Rejects with a BulkIoError. Null without the helper. The caller
+ * leaves `buf` and the flags alone until it settles.
+ *
+ * Why: Node's fs makes one request per run (a promise, a thread wake-up and a callback on the main
+ * thread each) and the zero scan ran on the main thread; a 1 GiB convert's copy is CPU-bound on
+ * two vCPUs, so what the main thread spends the copying threads wait for.
+ */
+export function readScan(buf: Uint8Array, segs: Float64Array, scan: ZeroScan | null): Promise<void> | null {
+  const h = load();
+  return h && haveBulkIO() ? job((cb) => h.readScan(buf, segs, scan?.zero ?? null, scan?.grain ?? 1, scan?.first ?? 0, scan?.end ?? 0, cb)) : null;
+}
+
+/** One job writing each segment ([fd, bufferOffset, length, filePosition]) of `buf`, in order; as readScan. */
+export function writeRuns(buf: Uint8Array, segs: Float64Array): Promise<void> | null {
+  const h = load();
+  return h && haveBulkIO() ? job((cb) => h.writeRuns(buf, segs, cb)) : null;
 }
