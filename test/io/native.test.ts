@@ -4,7 +4,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { closeSync, copyFileSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { FALLOC_FL_KEEP_SIZE, fallocate, haveBulkIO, haveFallocate, readScan, writeRuns, type BulkIoError } from '../../src/qcow2/io/native.js';
 import { NodeFile, readRunsScan } from '../../src/qcow2/io/file.js';
 import { QimgError } from '../../src/qcow2/errors.js';
@@ -196,6 +197,37 @@ test('writeRuns: each segment written from its place in the buffer, in order', a
   assert.ok(got.subarray(4096, 65536).every((x) => x === 0), 'a hole between');
   // The third segment came after the first: its 10 bytes over the first's start.
   assert.equal(Array.from(got.subarray(65536, 65536 + 12)), [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 10, 11]);
+});
+
+test('writeRuns with allocate: the runs reserved and written, the holes between and the size left alone', async () => {
+  if (!haveBulkIO()) return;
+  const f = fileOf('alloc.bin', 8 * MiB, []);
+  const fd = openSync(f, 'r+');
+  const buf = new Uint8Array(2 * MiB).fill(0x5a);
+  try {
+    await writeRuns(buf, new Float64Array([fd, 0, MiB, 0, fd, MiB, MiB, 6 * MiB, fd, 0, 4096, 8 * MiB]), true);
+  } finally {
+    closeSync(fd);
+  }
+  // Before write-back, ext4 shows blocks it has not allocated yet as "delalloc" (filefrag -v):
+  // reserved runs are allocated extents already; the same writes without `allocate` are not.
+  const plain = fileOf('plain.bin', 8 * MiB, []);
+  const pfd = openSync(plain, 'r+');
+  try {
+    await writeRuns(buf, new Float64Array([pfd, 0, MiB, 0]), false);
+  } finally {
+    closeSync(pfd);
+  }
+  const frag = (path: string): string => spawnSync('filefrag', ['-v', path], { encoding: 'utf8' }).stdout ?? '';
+  if (frag(plain).includes('delalloc')) assert.not.match(frag(f), /delalloc/, frag(f));
+  settle(dirname(f)); // delayed allocation counts its blocks once written back
+  const st = statSync(f);
+  assert.is(st.size, 8 * MiB + 4096, 'only the write past the end moved the end');
+  assert.ok(st.blocks * 512 <= 2 * MiB + 4096 + 64 * 1024, `${st.blocks * 512} bytes on disk: the runs, not the holes`);
+  assert.ok(st.blocks * 512 >= 2 * MiB, `${st.blocks * 512} bytes on disk`);
+  const got = readFileSync(f);
+  assert.ok(got.subarray(0, MiB).every((x) => x === 0x5a) && got.subarray(6 * MiB, 7 * MiB).every((x) => x === 0x5a));
+  assert.ok(got.subarray(MiB, 6 * MiB).every((x) => x === 0) && got.subarray(7 * MiB, 8 * MiB).every((x) => x === 0));
 });
 
 test('bulk jobs: a failing segment rejects with its errno and index; bad segments throw before anything runs', async () => {

@@ -390,6 +390,9 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
     // Full size first, as qemu-img's create step does: a write inside the file is cheaper than
     // one that extends it (no size update per write). A device keeps its length.
     sizeRawTarget(out, dst, size);
+    // Each data run's blocks reserved as its write starts (see writeNonZero); not on a device, nor
+    // where preallocation has allocated the whole file already.
+    const allocate = preallocation === undefined && out.deviceLength() === null;
     const holes = sourceHoles(source);
     await copyOverlapped(source, {
       step: CHUNK,
@@ -403,7 +406,7 @@ async function writeRaw(source: Layer, dst: string, progress?: (done: number, to
       blockGrain: SPARSE_GRANULARITY,
       padTo: 0, // writes take exactly c.len bytes
       prepare: () => undefined,
-      place: (c, _, writes) => writeNonZero(out, c, writes),
+      place: (c, _, writes) => writeNonZero(out, c, writes, allocate),
       progress,
     });
     // No fsync: a new output, written the way qemu-img convert writes it (cache mode "unsafe").
@@ -611,9 +614,10 @@ function limiter(n: number): <T>(job: () => Promise<T>) => Promise<T> {
 
 /**
  * Starts the writes of chunk `c` (onto `writes`), leaving all-zero blocks aligned to the file
- * offset as holes, as qemu-img does: the ones its read flagged, or found here.
+ * offset as holes, as qemu-img does: the ones its read flagged, or found here. With `allocate`
+ * the write job reserves each run's blocks first (fallocate, see native.ts writeRuns).
  */
-function writeNonZero(out: NodeFile, c: Chunk, writes: Array<Promise<void>>): void {
+function writeNonZero(out: NodeFile, c: Chunk, writes: Array<Promise<void>>, allocate: boolean): void {
   const g = SPARSE_GRANULARITY;
   const chunk = c.buf.subarray(0, c.len);
   const pos = c.off;
@@ -634,5 +638,5 @@ function writeNonZero(out: NodeFile, c: Chunk, writes: Array<Promise<void>>): vo
     i = next;
   }
   if (runStart >= 0) runs.push(runStart, chunk.length - runStart, pos + runStart);
-  if (runs.length > 0) writes.push(out.writeRunsAsync(chunk, runs));
+  if (runs.length > 0) writes.push(out.writeRunsAsync(chunk, runs, allocate));
 }

@@ -48,9 +48,9 @@ export interface BlockFile {
   /**
    * Optional: writes the runs of `buf` given as [bufferOffset, length, position] triples, as ONE
    * job when the native helper is there (see native.ts writeRuns), else as writeAsync calls. The
-   * same contract as writeAsync.
+   * same contract as writeAsync. `allocate`: reserve each run's blocks first (a hint, helper only).
    */
-  writeRunsAsync?(buf: Uint8Array, runs: number[]): Promise<void>;
+  writeRunsAsync?(buf: Uint8Array, runs: number[], allocate?: boolean): Promise<void>;
   /**
    * Whether the file holds data or a hole at `pos` (< size), and for how long, as
    * SEEK_DATA/SEEK_HOLE report it; absent or null: the file cannot tell (treat it as data).
@@ -228,7 +228,7 @@ export class NodeFile implements BlockFile {
     }
   }
 
-  writeRunsAsync(buf: Uint8Array, runs: number[]): Promise<void> {
+  writeRunsAsync(buf: Uint8Array, runs: number[], allocate = false): Promise<void> {
     if (!this.writable) return Promise.reject(new QimgError('READ_ONLY', `'${this.path}' is open read-only`));
     if (!haveBulkIO()) {
       const writes: Array<Promise<void>> = [];
@@ -248,7 +248,7 @@ export class NodeFile implements BlockFile {
       end = Math.max(end, runs[i + 1]! + runs[i + 2]!);
     }
     if (end > this.reservedEnd && this.reservedEnd >= 0) this.reserve(end);
-    return writeRuns(buf, segs)!.catch((err: BulkIoError) => {
+    return writeRuns(buf, segs, allocate)!.catch((err: BulkIoError) => {
       throw ioError(err, this.path, 'Could not write to');
     });
   }

@@ -12,7 +12,7 @@ interface NativeHelper {
   /** [F_UNLCK], [type, start, length, pid], or -errno. */
   getlk(fd: number, type: number, start: number, length: number): number[] | number;
   readScan(buf: Uint8Array, segs: Float64Array, zero: Uint8Array | null, grain: number, first: number, end: number, cb: IoCallback): void;
-  writeRuns(buf: Uint8Array, segs: Float64Array, cb: IoCallback): void;
+  writeRuns(buf: Uint8Array, segs: Float64Array, allocate: boolean, cb: IoCallback): void;
 }
 
 type IoCallback = (errno: number, segment: number) => void;
@@ -123,8 +123,15 @@ export function readScan(buf: Uint8Array, segs: Float64Array, scan: ZeroScan | n
   return h && haveBulkIO() ? job((cb) => h.readScan(buf, segs, scan?.zero ?? null, scan?.grain ?? 1, scan?.first ?? 0, scan?.end ?? 0, cb)) : null;
 }
 
-/** One job writing each segment ([fd, bufferOffset, length, filePosition]) of `buf`, in order; as readScan. */
-export function writeRuns(buf: Uint8Array, segs: Float64Array): Promise<void> | null {
+/**
+ * One job writing each segment ([fd, bufferOffset, length, filePosition]) of `buf`, in order; as
+ * readScan. With `allocate` each segment's blocks are reserved (fallocate KEEP_SIZE, failures
+ * ignored) just before its write: ext4 then writes into an unwritten extent
+ * instead of doing delayed allocation page by page. A sparse raw target, whose data runs lie
+ * between holes, cannot be reserved ahead in one call as a growing qcow2 image is; run by run a
+ * 1 GiB qcow2 -> raw convert took ~20 ms less (287 -> 267 ms, paired medians).
+ */
+export function writeRuns(buf: Uint8Array, segs: Float64Array, allocate = false): Promise<void> | null {
   const h = load();
-  return h && haveBulkIO() ? job((cb) => h.writeRuns(buf, segs, cb)) : null;
+  return h && haveBulkIO() ? job((cb) => h.writeRuns(buf, segs, allocate, cb)) : null;
 }

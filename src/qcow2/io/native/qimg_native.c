@@ -1,4 +1,5 @@
-// qimg's native code: fallocate(2) and fcntl(F_GETLK), which Node's fs (and fs-ext) do not offer.
+// qimg's native code: fallocate(2) and fcntl(F_GETLK), which Node's fs (and fs-ext) do not offer,
+// and convert's bulk I/O jobs.
 //
 // Why fallocate is worth a C file: a buffered write into blocks the file system has not allocated yet
 // pays ext4's delayed-allocation bookkeeping page by page; into blocks reserved beforehand
@@ -96,11 +97,13 @@ static napi_value GetLk(napi_env env, napi_callback_info info) {
 }
 
 
-// ---- Bulk I/O jobs: readScan(buf, segs, zero, grain, first, end, callback) and writeRuns(buf, segs, callback).
+// ---- Bulk I/O jobs: readScan(buf, segs, zero, grain, first, end, callback) and
+// writeRuns(buf, segs, [allocate,] callback).
 //
 // segs is a Float64Array of [fd, bufferOffset, length, fileOffset] quadruples, checked against the
 // buffer before anything runs. A read stopping at the end of its file fills the rest of its segment
-// with zeros. After the reads, readScan flags in `zero` each block of buf[first, end) (block k:
+// with zeros. writeRuns with `allocate` reserves each segment's blocks first (fallocate
+// KEEP_SIZE; a failure is ignored: the write decides). After the reads, readScan flags in `zero` each block of buf[first, end) (block k:
 // [first + k*grain, first + (k+1)*grain), the last one cut at `end`) whose bytes are all zero and
 // whose flag is still 0, by setting it to 2. The callback gets (errno, segment): (0, -1) on
 // success, else the first failure. The job holds references to every array it uses until it
@@ -113,6 +116,7 @@ typedef struct {
   double *segs;
   size_t nsegs;
   int write;
+  int allocate;
   uint8_t *zero;
   size_t grain;
   size_t first;
@@ -145,6 +149,15 @@ static void io_execute(napi_env env, void *data) {
     size_t len = (size_t)j->segs[4 * s + 2];
     off_t pos = (off_t)j->segs[4 * s + 3];
     size_t done = 0;
+#ifdef __linux__
+    if (j->allocate && len > 0) {
+      int r;
+      do {
+        r = fallocate(fd, FALLOC_FL_KEEP_SIZE, pos, (off_t)len);
+      } while (r < 0 && errno == EINTR);
+      (void)r; // only a hint: the write below is what counts
+    }
+#endif
     while (done < len) {
       ssize_t n = j->write ? pwrite(fd, p + done, len - done, pos + (off_t)done) : pread(fd, p + done, len - done, pos + (off_t)done);
       if (n < 0) {
@@ -200,7 +213,7 @@ static napi_value start_io(napi_env env, napi_callback_info info, int write) {
   napi_value argv[7], undefined, name;
   napi_get_undefined(env, &undefined);
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return undefined;
-  size_t want = write ? 3 : 7;
+  size_t want = write ? (argc == 4 ? 4 : 3) : 7;
   napi_valuetype t;
   if (argc != want || napi_typeof(env, argv[want - 1], &t) != napi_ok || t != napi_function) {
     napi_throw_type_error(env, NULL, "qimg_native: bad arguments");
@@ -244,6 +257,11 @@ static napi_value start_io(napi_env env, napi_callback_info info, int write) {
     napi_valuetype vt;
     napi_typeof(env, argv[i], &vt);
     if (vt == napi_object) ok = napi_create_reference(env, argv[i], 1, &j->refs[i]) == napi_ok;
+  }
+  if (ok && write && want == 4) {
+    bool b = false;
+    ok = napi_get_value_bool(env, argv[2], &b) == napi_ok;
+    j->allocate = b;
   }
   ok = ok && napi_create_reference(env, argv[want - 1], 1, &j->refs[3]) == napi_ok;
   ok = ok && napi_create_string_utf8(env, write ? "qimg.writeRuns" : "qimg.readScan", NAPI_AUTO_LENGTH, &name) == napi_ok;
