@@ -143,6 +143,43 @@ export function syncAll(): void {
   spawnSync('sync', [], { stdio: 'ignore' });
 }
 
+/** A VM's free page reporting (virtio-balloon): how much freed memory it has handed to the host. */
+const REPORTED = '/sys/module/page_reporting/parameters/reported_kib';
+
+/**
+ * Waits (untimed, up to `maxMs`) until the guest has stopped reporting freed memory to its host,
+ * where it does (a virtio-balloon with free page reporting: this project's Firecracker VMs). The
+ * kernel reports ~2 s after memory is freed, so "stopped" is: no change for `quietMs`.
+ *
+ * Why: deleting a 600 MiB output frees that much page cache; the guest hands it to the host in
+ * the next seconds, and a command that allocates memory meanwhile (the next convert's own output)
+ * waits on the host taking pages back and giving them again: 1.2-2.4 s of "system" time that
+ * perf, inside the guest, cannot see. It hit whichever tool ran right after its own previous
+ * output was deleted (qimg, in the bench's order: 4 runs in 4) and made medians meaningless.
+ * Returns at once where there is no such file.
+ */
+export function settleFreedMemory(maxMs = 8000, quietMs = 2500): void {
+  const read = (): string | null => {
+    try {
+      return readFileSync(REPORTED, 'utf8');
+    } catch {
+      return null;
+    }
+  };
+  let last = read();
+  if (last === null) return;
+  const start = Date.now();
+  let quietSince = start;
+  while (Date.now() - start < maxMs && Date.now() - quietSince < quietMs) {
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+    const now = read();
+    if (now !== last) {
+      last = now;
+      quietSince = Date.now();
+    }
+  }
+}
+
 export function quantile(xs: number[], q: number): number {
   if (xs.length === 0) return Number.NaN;
   const s = [...xs].sort((a, b) => a - b);

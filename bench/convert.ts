@@ -31,6 +31,7 @@ import {
   qimgRoot,
   renderProfile,
   run,
+  settleFreedMemory,
   syncAll,
   syncFile,
   table,
@@ -276,6 +277,7 @@ export function runConvertBench(opts: BigBenchOptions, log: (s: string) => void)
       const cmd = cmds[i]!;
       rmSync(cmd.out, { force: true });
       syncAll();
+      settleFreedMemory();
       const r = timedRun(cmd.file, cmd.args, { gnuTime, scratch: work });
       const shown = `${cmd.tool === 'qimg' ? qimgBin : 'qemu-img'} ${cmd.args.join(' ')}`;
       let problems: string[] = [];
