@@ -279,7 +279,10 @@ function snapshotNames(b: Uint8Array): string[] {
     const extra = u32(off + 36);
     const start = off + 40 + extra + idSize;
     if (extra > 1024 || start + nameSize > b.length) return [];
-    return [new TextDecoder().decode(b.subarray(start, start + nameSize))];
+    const name = new TextDecoder().decode(b.subarray(start, start + nameSize));
+    // A damaged table's name can hold NUL bytes: no command line can carry one (spawn refuses
+    // it, and the runner died on that: seed 4144028796 case 10869), so neither tool is asked.
+    return name.includes('\0') ? [] : [name];
   } catch {
     return [];
   }
